@@ -1,0 +1,43 @@
+# corral: `make run` starts a single-host cluster; `make test` runs every check and test.
+SHELL := /bin/bash
+VENV  := .venv
+PY    := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: run test lint unit integration bench deps venv clean
+
+deps:
+	@bash scripts/host-deps.sh
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || python3 -m venv $(VENV)
+	@$(PY) -m pip install -q --upgrade pip >/dev/null
+	@$(PY) -m pip install -q -e '.[dev]'
+	@touch $(STAMP)
+
+venv: $(STAMP)
+
+run: deps venv
+	@bash scripts/run.sh
+
+lint: venv
+	$(VENV)/bin/ruff check src tests bench
+	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports
+
+# pytest exits 5 when it collected no tests: that fails here like any other failure.
+test: deps venv lint
+	$(VENV)/bin/pytest -q -p no:cacheprovider --durations=10
+
+unit: venv
+	$(VENV)/bin/pytest -q tests/unit
+
+integration: deps venv
+	$(VENV)/bin/pytest -q tests/integration
+
+bench: deps venv
+	$(PY) bench/store_commit.py
+	$(PY) bench/api_create.py
+
+clean:
+	rm -rf $(VENV) .corral .mypy_cache .ruff_cache .pytest_cache

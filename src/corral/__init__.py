@@ -1,0 +1,3 @@
+"""corral: a cluster manager for virtual machines."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,73 @@
+"""The hypervisor contract every driver fulfils (``qemu``, ``fake``).
+
+Drivers are picked from an explicit dict in ``corral.agent.drivers.DRIVERS``. Every method is
+async, raises ``corral.errors.DriverError`` (translated at this boundary) on failure, and is
+idempotent where the docstring says so. A driver persists enough about each VM (a handle) to
+re-attach after the agent restarts: ``recover`` returns the VMs still alive, untouched.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Literal, Protocol
+
+from corral.model import VmSpec
+
+__all__ = ["Driver", "DriverVm", "RuntimeState"]
+
+RuntimeState = Literal["running", "stopped", "crashed", "paused"]
+
+
+@dataclass
+class DriverVm:
+    """A VM as the hypervisor sees it."""
+
+    name: str
+    vm_id: str
+    epoch: int
+    spec: VmSpec
+    state: RuntimeState
+    started_at: datetime | None = None
+    # Generation of the intent last applied (kept in the handle so a restart remembers it).
+    applied_generation: int = 0
+    reboot_generation: int = 0
+    message: str = ""
+    extra: dict[str, str] = field(default_factory=dict)
+
+
+class Driver(Protocol):
+    name: str
+
+    async def fingerprint(self) -> dict[str, str]:
+        """What this hypervisor offers (version, accelerator); goes into the node inventory."""
+
+    async def recover(self) -> list[DriverVm]:
+        """Re-attach to every VM a previous agent left: running ones stay running."""
+
+    async def define(self, vm: DriverVm) -> DriverVm:
+        """Create the VM (stopped) with its spec. Idempotent for the same name and vm_id."""
+
+    async def start(self, name: str) -> DriverVm:
+        """Boot a defined VM. Idempotent when already running."""
+
+    async def stop(self, name: str, *, force: bool = False, timeout_s: float = 60.0) -> DriverVm:
+        """Graceful shutdown, then power off after ``timeout_s``; ``force`` powers off now."""
+
+    async def reboot(self, name: str) -> DriverVm:
+        """Reset a running VM (its ``started_at`` changes)."""
+
+    async def update(self, name: str, vm: DriverVm) -> DriverVm:
+        """Store a new spec / generation; hardware changes take effect at the next start."""
+
+    async def destroy(self, name: str) -> None:
+        """Stop the VM if needed and remove it and its handle. Idempotent."""
+
+    async def inspect(self, name: str) -> DriverVm | None:
+        """The VM's current state, or None when it is not defined here."""
+
+    async def list(self) -> list[DriverVm]:
+        """Every VM defined on this host."""
+
+    async def close(self) -> None:
+        """Release driver resources; VMs keep running."""

@@ -1,0 +1,1 @@
+"""Public APIs: REST (FastAPI) today, gRPC next."""

@@ -1,0 +1,215 @@
+"""The REST API v1 (FastAPI). Handlers parse and render; the service layer decides."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal
+
+from fastapi import Body, FastAPI, Header, Path, Query, Request
+from fastapi.responses import JSONResponse
+
+from corral import __version__
+from corral.api.rest import render
+from corral.api.rest.errors import install_error_handlers, problem
+from corral.api.rest.middleware import BodyLimitMiddleware, RequestIdMiddleware
+from corral.errors import Malformed, NotFound
+from corral.model import VmCreate
+from corral.service.context import RequestMeta
+from corral.service.nodes import ClusterService, NodeService
+from corral.service.tasks import TaskService
+from corral.service.vms import Accepted, VmService
+from corral.telemetry import REQUEST_ID
+
+__all__ = ["ApiServices", "create_app"]
+
+MAX_BODY_BYTES = 1024 * 1024
+_ETAG = re.compile(r'^(?:W/)?"?(\d+)"?$')
+
+NameParam = Annotated[str, Path(max_length=63, description="a DNS label")]
+Limit = Annotated[int, Query(ge=1, le=1000, description="page size")]
+Cursor = Annotated[str | None, Query(max_length=512, description="from next_cursor")]
+Stale = Annotated[bool, Query(description="answer from this server's copy (may lag)")]
+Wait = Annotated[bool, Query(description="return when the task has ended")]
+Timeout = Annotated[float, Query(gt=0, le=300, description="seconds to wait with wait=true")]
+IfMatch = Annotated[str | None, Header(description='"<mod_revision>" from the ETag')]
+IdemKey = Annotated[str | None, Header(description="same key and body: same result for 24 h")]
+
+
+@dataclass
+class ApiServices:
+    vms: VmService
+    tasks: TaskService
+    nodes: NodeService
+    cluster: ClusterService
+    # Returns the reasons this agent is not ready (empty when ready).
+    readiness: Callable[[], Awaitable[list[str]]]
+
+
+def _meta(if_match: str | None, idempotency_key: str | None) -> RequestMeta:
+    revision = None
+    if if_match is not None and if_match.strip() != "*":
+        m = _ETAG.match(if_match.strip())
+        if not m:
+            raise Malformed('If-Match: must be an ETag such as "42" (the object\'s mod_revision)')
+        revision = int(m.group(1))
+    return RequestMeta(
+        request_id=REQUEST_ID.get(), if_match=revision, idempotency_key=idempotency_key
+    )
+
+
+def create_app(services: ApiServices) -> FastAPI:
+    app = FastAPI(
+        title="corral",
+        version=__version__,
+        description="Cluster manager for virtual machines: REST API v1",
+        openapi_url="/api/v1/openapi.json",
+        docs_url="/api/v1/docs",
+        redoc_url=None,
+    )
+    install_error_handlers(app)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=MAX_BODY_BYTES)
+    app.add_middleware(RequestIdMiddleware)
+
+    async def finish(result: Accepted, wait: bool, timeout: float) -> JSONResponse:
+        status = 200 if result.replayed else 202
+        task = result.task
+        vm = result.vm
+        if wait and not task.final:
+            task = await services.tasks.wait(task.id, timeout)
+        if wait and task.final:
+            status = 200
+            try:
+                vm = await services.vms.get(vm.name)
+            except NotFound:
+                vm = None  # type: ignore[assignment]
+        return render.accepted(vm, task, status)
+
+    @app.get("/healthz", tags=["health"])
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz", tags=["health"])
+    async def readyz() -> JSONResponse:
+        reasons = await services.readiness()
+        if reasons:
+            return problem(
+                503,
+                "unavailable",
+                "Not ready",
+                "; ".join(reasons),
+                headers={"Retry-After": "2"},
+                extra={"reasons": reasons},
+            )
+        return JSONResponse({"status": "ready"})
+
+    @app.get("/api/v1/cluster", tags=["cluster"])
+    async def cluster() -> dict[str, Any]:
+        return await services.cluster.info()
+
+    @app.get("/api/v1/nodes", tags=["nodes"])
+    async def list_nodes(stale: Stale = False) -> JSONResponse:
+        nodes = await services.nodes.list(stale=stale)
+        return render.listing(nodes.items, None, nodes.revision)
+
+    @app.get("/api/v1/nodes/{name}", tags=["nodes"])
+    async def get_node(name: NameParam, stale: Stale = False) -> JSONResponse:
+        return render.one(await services.nodes.get(name, stale=stale))
+
+    @app.get("/api/v1/vms", tags=["vms"])
+    async def list_vms(
+        limit: Limit = 100,
+        cursor: Cursor = None,
+        label: Annotated[str | None, Query(max_length=1024, examples=["tier=web,env!=prod"])] = None,
+        node: Annotated[str | None, Query(max_length=63)] = None,
+        state: Annotated[str | None, Query(max_length=32)] = None,
+        stale: Stale = False,
+    ) -> JSONResponse:
+        page = await services.vms.list(
+            limit=limit, cursor=cursor, label=label, node=node, state=state, stale=stale
+        )
+        return render.listing(page.items, page.next_cursor, page.revision)
+
+    @app.post("/api/v1/vms", tags=["vms"], status_code=202)
+    async def create_vm(
+        request: Request,
+        body: Annotated[VmCreate, Body()],
+        wait: Wait = False,
+        timeout: Timeout = 60.0,
+        idempotency_key: IdemKey = None,
+    ) -> JSONResponse:
+        raw = await request.json()
+        result = await services.vms.create(raw, _meta(None, idempotency_key))
+        return await finish(result, wait, timeout)
+
+    @app.get("/api/v1/vms/{name}", tags=["vms"])
+    async def get_vm(name: NameParam, stale: Stale = False) -> JSONResponse:
+        return render.one(await services.vms.get(name, stale=stale))
+
+    @app.patch("/api/v1/vms/{name}", tags=["vms"])
+    async def patch_vm(
+        name: NameParam,
+        patch: Annotated[dict[str, Any], Body(examples=[{"labels": {"tier": "db", "old": None}}])],
+        if_match: IfMatch = None,
+    ) -> JSONResponse:
+        return render.one(await services.vms.patch(name, patch, _meta(if_match, None)))
+
+    @app.delete("/api/v1/vms/{name}", tags=["vms"], status_code=202)
+    async def delete_vm(
+        name: NameParam,
+        wait: Wait = False,
+        timeout: Timeout = 60.0,
+        if_match: IfMatch = None,
+        idempotency_key: IdemKey = None,
+    ) -> JSONResponse:
+        result = await services.vms.act(name, "delete", None, _meta(if_match, idempotency_key))
+        return await finish(result, wait, timeout)
+
+    @app.post("/api/v1/vms/{name}/{action}", tags=["vms"], status_code=202)
+    async def vm_action(
+        request: Request,
+        name: NameParam,
+        action: Literal["start", "stop", "reboot"],
+        wait: Wait = False,
+        timeout: Timeout = 60.0,
+        if_match: IfMatch = None,
+        idempotency_key: IdemKey = None,
+    ) -> JSONResponse:
+        raw = await request.body()
+        body = None
+        if raw.strip():
+            try:
+                body = await request.json()
+            except ValueError as exc:
+                raise Malformed(f"the body is not valid JSON: {exc}") from None
+        meta = _meta(if_match, idempotency_key)
+        result = await services.vms.act(name, action, body, meta)
+        return await finish(result, wait, timeout)
+
+    @app.get("/api/v1/tasks", tags=["tasks"])
+    async def list_tasks(
+        limit: Limit = 100,
+        cursor: Cursor = None,
+        state: Annotated[
+            Literal["pending", "running", "succeeded", "failed", "cancelled"] | None, Query()
+        ] = None,
+        target: Annotated[str | None, Query(max_length=128, examples=["vm/web-1"])] = None,
+        stale: Stale = False,
+    ) -> JSONResponse:
+        page = await services.tasks.list(
+            limit=limit, cursor=cursor, state=state, target=target, stale=stale
+        )
+        return render.listing(page.items, page.next_cursor, page.revision)
+
+    @app.get("/api/v1/tasks/{task_id}", tags=["tasks"])
+    async def get_task(
+        task_id: Annotated[str, Path(max_length=64)],
+        wait: Wait = False,
+        timeout: Timeout = 60.0,
+    ) -> JSONResponse:
+        if wait:
+            return render.one(await services.tasks.wait(task_id, timeout))
+        return render.one(await services.tasks.get(task_id))
+
+    return app

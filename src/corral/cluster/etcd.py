@@ -1,0 +1,189 @@
+"""The etcd member a server agent runs as its child: start, health, restart with backoff, stop.
+
+The user never runs etcd by hand. The member's data lives in ``<data_dir>/etcd``; it listens on
+the agent's bind address only. If the agent dies (even by SIGKILL) the kernel stops etcd too
+(PR_SET_PDEATHSIG), so a restarted agent never finds an orphan holding its ports.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import logging
+import os
+import shutil
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+__all__ = ["EtcdConfig", "EtcdSupervisor"]
+
+log = logging.getLogger(__name__)
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    # Runs in the child between fork and exec.
+    libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+@dataclass(frozen=True)
+class EtcdConfig:
+    name: str
+    data_dir: Path
+    bind: str
+    client_port: int
+    peer_port: int
+    binary: str = "etcd"
+
+    @property
+    def client_url(self) -> str:
+        return f"http://{self.bind}:{self.client_port}"
+
+    @property
+    def peer_url(self) -> str:
+        return f"http://{self.bind}:{self.peer_port}"
+
+    @property
+    def member_dir(self) -> Path:
+        return self.data_dir / "etcd"
+
+
+class EtcdSupervisor:
+    """Runs one etcd member and keeps it running until ``stop``.
+
+    ``healthy`` is true only while etcd answers its /health endpoint; the agent's readiness
+    follows it.
+    """
+
+    def __init__(self, config: EtcdConfig, *, max_backoff_s: float = 30.0) -> None:
+        self.config = config
+        self.max_backoff_s = max_backoff_s
+        self.healthy = False
+        self.restarts = 0
+        self._proc: asyncio.subprocess.Process | None = None
+        self._stopping = False
+        self._watch_task: asyncio.Task[None] | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc else None
+
+    def _command(self) -> list[str]:
+        c = self.config
+        binary = shutil.which(c.binary) or c.binary
+        cmd = [
+            binary,
+            "--name", c.name,
+            "--data-dir", str(c.member_dir),
+            "--listen-client-urls", c.client_url,
+            "--advertise-client-urls", c.client_url,
+            "--listen-peer-urls", c.peer_url,
+            "--initial-advertise-peer-urls", c.peer_url,
+            "--auto-compaction-mode", "periodic",
+            "--auto-compaction-retention", "1h",
+            "--logger", "zap",
+            "--log-outputs", "stderr",
+        ]  # fmt: skip
+        if not (c.member_dir / "member").exists():
+            cmd += [
+                "--initial-cluster", f"{c.name}={c.peer_url}",
+                "--initial-cluster-state", "new",
+                "--initial-cluster-token", f"corral-{c.name}",
+            ]  # fmt: skip
+        return cmd
+
+    async def _spawn(self) -> None:
+        self.config.member_dir.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.config.member_dir, 0o700)
+        log_path = self.config.data_dir / "etcd.log"
+        with open(log_path, "ab") as logf:
+            self._proc = await asyncio.create_subprocess_exec(
+                *self._command(),
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=logf,
+                stderr=logf,
+                preexec_fn=_die_with_parent,
+            )
+        log.info("started etcd member %s (pid %s)", self.config.name, self._proc.pid)
+
+    async def _probe(self) -> bool:
+        try:
+            async with httpx.AsyncClient(timeout=2.0) as client:
+                resp = await client.get(self.config.client_url + "/health")
+            return resp.status_code == 200 and resp.json().get("health") == "true"
+        except (httpx.HTTPError, ValueError):
+            return False
+
+    async def _wait_healthy(self, timeout_s: float) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while loop.time() < deadline:
+            if self._proc is not None and self._proc.returncode is not None:
+                raise RuntimeError(
+                    f"etcd exited with code {self._proc.returncode} during start; "
+                    f"see {self.config.data_dir / 'etcd.log'}"
+                )
+            if await self._probe():
+                self.healthy = True
+                return
+            await asyncio.sleep(0.1)
+        raise RuntimeError(
+            f"etcd did not become healthy within {timeout_s:.0f}s at {self.config.client_url}; "
+            f"see {self.config.data_dir / 'etcd.log'}"
+        )
+
+    async def start(self, timeout_s: float = 30.0) -> None:
+        """Start etcd and return once it is healthy; then keep it running in the background."""
+        await self._spawn()
+        await self._wait_healthy(timeout_s)
+        self._watch_task = asyncio.create_task(self._keep_running(), name="etcd-supervisor")
+
+    async def _keep_running(self) -> None:
+        backoff = 0.5
+        while not self._stopping:
+            assert self._proc is not None
+            watcher = asyncio.create_task(self._proc.wait())
+            while not watcher.done():
+                await asyncio.wait({watcher}, timeout=2.0)
+                if not watcher.done():
+                    self.healthy = await self._probe()
+            if self._stopping:
+                return
+            self.healthy = False
+            log.error(
+                "etcd exited with code %s; restarting in %.1fs", self._proc.returncode, backoff
+            )
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, self.max_backoff_s)
+            try:
+                await self._spawn()
+                await self._wait_healthy(30.0)
+                self.restarts += 1
+                backoff = 0.5
+            except (RuntimeError, OSError) as exc:
+                log.error("etcd restart failed: %s", exc)
+
+    async def stop(self, timeout_s: float = 10.0) -> None:
+        """SIGTERM etcd and wait; SIGKILL after ``timeout_s``."""
+        self._stopping = True
+        if self._watch_task is not None:
+            self._watch_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watch_task
+        proc = self._proc
+        self.healthy = False
+        if proc is None or proc.returncode is not None:
+            return
+        proc.send_signal(signal.SIGTERM)
+        try:
+            await asyncio.wait_for(proc.wait(), timeout_s)
+        except TimeoutError:
+            log.warning("etcd did not stop within %.0fs; killing it", timeout_s)
+            proc.kill()
+            await proc.wait()

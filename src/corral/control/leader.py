@@ -1,0 +1,110 @@
+"""Everything the elected leader runs, started on election and cancelled on deposition."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from corral.control.context import ControlSettings, LeaderContext
+from corral.control.informer import Informer
+from corral.control.nodes import NodeHealthLoop
+from corral.control.queue import Outcome, WorkQueue
+from corral.control.tasks import TaskLoop
+from corral.control.vms import VmLoop
+from corral.errors import CorralError
+from corral.model import IdempotencyRecord, utcnow
+from corral.state import Delete, Store, keys
+from corral.state.codec import CodecError, decode
+
+__all__ = ["LeaderLoops", "run_leader"]
+
+log = logging.getLogger(__name__)
+
+_VMS = keys.kind_prefix("vms")
+_NODES = keys.kind_prefix("nodes")
+_TASKS = keys.kind_prefix("tasks")
+_ASSIGN = keys.PREFIX + "assign/"
+
+
+class LeaderLoops:
+    """Routes cache changes to the loops' work queues; exposed for tests and status."""
+
+    def __init__(self, store: Store, term: int, settings: ControlSettings) -> None:
+        self.informer = Informer(store, keys.PREFIX)
+        self.ctx = LeaderContext(store, self.informer, term, settings)
+        self.vms = WorkQueue("vm", VmLoop(self.ctx).reconcile)
+        self.tasks = WorkQueue("task", TaskLoop(self.ctx).reconcile)
+        self.nodes = WorkQueue("node", NodeHealthLoop(self.ctx).reconcile)
+        self.expiry = WorkQueue("expiry", self._expire_idempotency)
+        self._tasks_by_vm: dict[str, set[str]] = {}
+        self.informer.subscribe(self._route)
+
+    def _route(self, key: str) -> None:
+        if key.startswith(_VMS):
+            name = keys.name_from_key(key)
+            self.vms.add(name)
+            for task_id in self._tasks_by_vm.get(name, set()):
+                self.tasks.add(task_id)
+        elif key.startswith(_TASKS):
+            task_id = keys.name_from_key(key)
+            kv = self.informer.get(key)
+            if kv is None:
+                return
+            task = self.ctx.task(task_id)
+            if task is None or task.final:
+                for ids in self._tasks_by_vm.values():
+                    ids.discard(task_id)
+                return
+            self._tasks_by_vm.setdefault(task.spec.target.name, set()).add(task_id)
+            self.tasks.add(task_id)
+        elif key.startswith(_NODES):
+            self.nodes.add(keys.name_from_key(key))
+        elif key.startswith(keys.LIVENESS_PREFIX):
+            self.nodes.add(keys.name_from_key(key))
+        elif key.startswith(_ASSIGN):
+            self.vms.add(keys.name_from_key(key))
+
+    async def _expire_idempotency(self, _: str) -> Outcome:
+        now = utcnow()
+        stale = []
+        for kv in self.informer.under(keys.IDEMPOTENCY_PREFIX):
+            try:
+                record = decode("idempotency", kv.value, IdempotencyRecord)
+            except CodecError:
+                stale.append(kv.key)
+                continue
+            if record.expires_at <= now:
+                stale.append(kv.key)
+        for start in range(0, len(stale), 100):
+            await self.ctx.commit([Delete(k) for k in stale[start : start + 100]])
+        return Outcome(
+            f"expired {len(stale)} idempotency records" if stale else "", requeue_after=600.0
+        )
+
+    async def _resync(self) -> None:
+        while True:
+            await asyncio.sleep(self.ctx.settings.resync_s)
+            for kv in list(self.informer.under(keys.PREFIX)):
+                if not kv.key.startswith(_TASKS):
+                    self._route(kv.key)
+            for ids in list(self._tasks_by_vm.values()):
+                for task_id in list(ids):
+                    self.tasks.add(task_id)
+
+    async def run(self) -> None:
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(self.informer.run(), name="informer")
+            await self.informer.synced.wait()
+            log.info("leader loops running (term %d)", self.ctx.term)
+            for q in (self.vms, self.tasks, self.nodes, self.expiry):
+                tg.create_task(q.run(), name=f"queue-{q.name}")
+            self.expiry.add("idempotency")
+            tg.create_task(self._resync(), name="resync")
+
+
+async def run_leader(store: Store, term: int, settings: ControlSettings) -> None:
+    try:
+        await LeaderLoops(store, term, settings).run()
+    except* CorralError as eg:
+        log.error("leader loops stopped: %s", eg.exceptions[0])
+        raise

@@ -1,0 +1,129 @@
+"""The VM loop: place pending VMs, keep each placed VM's assignment in step with its intent,
+and remove deleted VMs."""
+
+from __future__ import annotations
+
+from corral.control.context import LeaderContext
+from corral.control.queue import Outcome
+from corral.model import Assignment, Node, Vm
+from corral.model.common import utcnow
+from corral.scheduler import NodeView, Request, Snapshot, schedule
+from corral.state import Delete, Objects, Put, keys
+from corral.state.codec import encode
+
+__all__ = ["VmLoop", "cluster_snapshot"]
+
+UNPLACED_RETRY_S = 10.0
+
+
+def cluster_snapshot(ctx: LeaderContext) -> Snapshot:
+    """Nodes with what the VMs placed on them use (deleting VMs hold resources until gone)."""
+    used: dict[str, list[int]] = {}
+    for vm in ctx.all(Vm):
+        if vm.status.node:
+            u = used.setdefault(vm.status.node, [0, 0, 0])
+            u[0] += vm.spec.vcpus
+            u[1] += vm.spec.memory_mib
+            u[2] += 1
+    views = []
+    for node in ctx.all(Node):
+        inv = node.status.inventory
+        if inv is None:
+            continue
+        u = used.get(node.name, [0, 0, 0])
+        views.append(
+            NodeView(
+                name=node.name,
+                state=node.status.state,
+                roles=tuple(node.spec.roles),
+                cpus=inv.cpus,
+                memory_mib=inv.memory_mib,
+                used_vcpus=u[0],
+                used_memory_mib=u[1],
+                vms=u[2],
+                labels=dict(node.spec.labels),
+            )
+        )
+    s = ctx.settings
+    return Snapshot(tuple(views), s.cpu_allocation_ratio, s.memory_allocation_ratio)
+
+
+def desired_assignment(vm: Vm) -> Assignment:
+    assert vm.status.node is not None
+    return Assignment(
+        vm=vm.name,
+        vm_id=vm.id,
+        node=vm.status.node,
+        epoch=vm.status.epoch,
+        generation=vm.generation,
+        reboot_generation=vm.reboot_generation,
+        force_stop=vm.force_stop,
+        spec=vm.spec,
+    )
+
+
+class VmLoop:
+    def __init__(self, ctx: LeaderContext) -> None:
+        self.ctx = ctx
+
+    async def reconcile(self, name: str) -> Outcome:
+        vm = self.ctx.vm(name)
+        if vm is None:
+            return Outcome()
+        if vm.deleting:
+            return await self._delete(vm)
+        if vm.status.node is None:
+            return await self._place(vm)
+        return await self._sync_assignment(vm)
+
+    async def _place(self, vm: Vm) -> Outcome:
+        plan = schedule(
+            cluster_snapshot(self.ctx),
+            Request(vm=vm.name, vcpus=vm.spec.vcpus, memory_mib=vm.spec.memory_mib),
+        )
+        message = plan.explain()
+        if plan.node is None:
+            if vm.status.message != message or vm.status.state != "pending":
+                vm.status.state = "pending"
+                vm.status.message = message
+                vm.updated_at = utcnow()
+                await self.ctx.commit([Objects.put(vm)], [Objects.expect_unchanged(vm)])
+            return Outcome(message, requeue_after=UNPLACED_RETRY_S)
+        vm.status.node = plan.node
+        vm.status.epoch += 1
+        vm.status.state = "starting" if vm.spec.power_state == "running" else "pending"
+        vm.status.message = message
+        vm.updated_at = utcnow()
+        assignment = desired_assignment(vm)
+        await self.ctx.commit(
+            [
+                Objects.put(vm),
+                Put(keys.assign_key(plan.node, vm.name), encode("assignment", assignment)),
+            ],
+            [Objects.expect_unchanged(vm)],
+        )
+        return Outcome(message)
+
+    async def _sync_assignment(self, vm: Vm) -> Outcome:
+        assert vm.status.node is not None
+        want = desired_assignment(vm)
+        have = self.ctx.assignment(vm.status.node, vm.name)
+        if have is not None and have[0] == want:
+            return Outcome()
+        await self.ctx.commit(
+            [Put(keys.assign_key(vm.status.node, vm.name), encode("assignment", want))],
+            [Objects.expect_unchanged(vm)],
+        )
+        return Outcome(
+            f"asking node {vm.status.node} to apply generation {vm.generation} of vm {vm.name}"
+        )
+
+    async def _delete(self, vm: Vm) -> Outcome:
+        node = vm.status.node
+        if node is None:
+            await self.ctx.commit([Objects.delete(Vm, vm.name)], [Objects.expect_unchanged(vm)])
+            return Outcome(f"deleted vm {vm.name} (it was never placed)")
+        if self.ctx.assignment(node, vm.name) is not None:
+            await self.ctx.commit([Delete(keys.assign_key(node, vm.name))])
+            return Outcome(f"asking node {node} to remove vm {vm.name}")
+        return Outcome(f"waiting for node {node} to remove vm {vm.name}")

@@ -1,0 +1,37 @@
+"""Pure value types shared by the API and the state (pydantic v2). No I/O here."""
+
+from corral.model.assignment import Assignment, VmObservation
+from corral.model.cluster import ClusterInfo, LeaderRecord
+from corral.model.common import Labels, Name, new_id, rfc3339, utcnow
+from corral.model.idempotency import IdempotencyRecord
+from corral.model.node import Allocated, Inventory, Node, NodeSpec, NodeStatus
+from corral.model.task import FINAL_TASK_STATES, Step, Target, Task, TaskSpec, TaskStatus
+from corral.model.vm import Vm, VmCreate, VmSpec, VmStatus
+
+__all__ = [
+    "Assignment",
+    "VmObservation",
+    "FINAL_TASK_STATES",
+    "Allocated",
+    "ClusterInfo",
+    "IdempotencyRecord",
+    "Inventory",
+    "Labels",
+    "LeaderRecord",
+    "Name",
+    "Node",
+    "NodeSpec",
+    "NodeStatus",
+    "Step",
+    "Target",
+    "Task",
+    "TaskSpec",
+    "TaskStatus",
+    "Vm",
+    "VmCreate",
+    "VmSpec",
+    "VmStatus",
+    "new_id",
+    "rfc3339",
+    "utcnow",
+]

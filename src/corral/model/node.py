@@ -1,0 +1,67 @@
+"""A host of the cluster: its roles, inventory and health."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from corral.model.common import ObjectMeta
+
+__all__ = ["Allocated", "Inventory", "Node", "NodeRole", "NodeSpec", "NodeState", "NodeStatus"]
+
+NodeRole = Literal["server", "compute"]
+NodeState = Literal["ready", "not-ready", "down", "unreachable"]
+_DEFAULT_ROLES: tuple[NodeRole, ...] = ("server", "compute")
+
+
+class Inventory(BaseModel):
+    """What the host has, measured by its agent at start."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    cpus: int
+    memory_mib: int
+    disk_gib: float
+    disk_free_gib: float
+    hostname: str
+    kernel: str
+    corral_version: str
+    driver: str
+
+
+class Allocated(BaseModel):
+    """What the VMs placed on the host take."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    vcpus: int = 0
+    memory_mib: int = 0
+    vms: int = 0
+
+
+class NodeSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    labels: dict[str, str] = Field(default_factory=dict)
+    roles: list[NodeRole] = Field(default_factory=lambda: list(_DEFAULT_ROLES))
+
+
+class NodeStatus(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    state: NodeState = "not-ready"
+    address: str = ""
+    driver: str = ""
+    inventory: Inventory | None = None
+    allocated: Allocated = Field(default_factory=Allocated)
+    heartbeat_at: datetime | None = None
+    registered_at: datetime | None = None
+    message: str = ""
+
+
+class Node(ObjectMeta):
+    kind: Literal["node"] = "node"
+    spec: NodeSpec = Field(default_factory=NodeSpec)
+    status: NodeStatus = Field(default_factory=NodeStatus)

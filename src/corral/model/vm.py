@@ -1,0 +1,90 @@
+"""The VM: what a user asks for (spec) and what corral observed (status)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from corral.model.common import Labels, Name, ObjectMeta, Strict
+
+__all__ = [
+    "VM_STATES",
+    "PowerState",
+    "Vm",
+    "VmCreate",
+    "VmSpec",
+    "VmState",
+    "VmStatus",
+]
+
+PowerState = Literal["running", "stopped"]
+VmState = Literal[
+    "pending",
+    "starting",
+    "running",
+    "stopping",
+    "stopped",
+    "crashed",
+    "lost",
+    "failed",
+    "deleting",
+]
+VM_STATES: tuple[str, ...] = VmState.__args__  # type: ignore[attr-defined]
+
+MIN_MEMORY_MIB = 64
+MAX_MEMORY_MIB = 4 * 1024 * 1024
+MAX_VCPUS = 256
+
+
+class VmSpec(Strict):
+    """What the user asked for, with defaults filled in."""
+
+    vcpus: int = Field(default=1, ge=1, le=MAX_VCPUS, description="virtual CPUs")
+    memory_mib: int = Field(
+        default=512, ge=MIN_MEMORY_MIB, le=MAX_MEMORY_MIB, description="guest RAM in MiB"
+    )
+    labels: Labels = Field(default_factory=dict)
+    power_state: PowerState = Field(
+        default="running", description="running: keep it started; stopped: keep it off"
+    )
+
+
+class VmCreate(VmSpec):
+    """Body of ``POST /api/v1/vms``: the spec plus the name."""
+
+    name: Name
+
+    def spec(self) -> VmSpec:
+        return VmSpec.model_validate(self.model_dump(exclude={"name"}))
+
+
+class VmStatus(BaseModel):
+    """What corral observed; written by the leader (placement) and the node (runtime)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    state: VmState = "pending"
+    node: str | None = None
+    message: str = ""
+    started_at: datetime | None = None
+    observed_generation: int = 0
+    epoch: int = 0
+
+
+class Vm(ObjectMeta):
+    """A stored VM.
+
+    ``generation`` counts every change of intent (spec change or action); the node reports the
+    generation it last applied as ``status.observed_generation``. ``reboot_generation`` is the
+    generation of the last reboot request; the node reboots when it has not yet applied it.
+    """
+
+    kind: Literal["vm"] = "vm"
+    spec: VmSpec
+    status: VmStatus = Field(default_factory=VmStatus)
+    generation: int = 1
+    reboot_generation: int = 0
+    force_stop: bool = False
+    deleting: bool = False

@@ -1,0 +1,186 @@
+"""The server side of the NodeService (see ``corral.agent.nodeapi``), in-process.
+
+Node reports are observations: they only ever write a VM's ``status``, and only when the
+report's epoch is the VM's current placement epoch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import AsyncIterator
+from datetime import timedelta
+
+from corral.errors import Conflict, CorralError, NotFound
+from corral.model import (
+    Assignment,
+    Inventory,
+    Node,
+    NodeSpec,
+    NodeStatus,
+    Vm,
+    VmObservation,
+    new_id,
+    utcnow,
+)
+from corral.service.context import ServiceContext
+from corral.state import KV, Compacted, Objects, Put, keys
+from corral.state.codec import CodecError, decode
+
+__all__ = ["LocalNodeService"]
+
+log = logging.getLogger(__name__)
+_HEARTBEAT_EVERY = timedelta(seconds=5)
+
+
+class LocalNodeService:
+    def __init__(self, ctx: ServiceContext) -> None:
+        self.ctx = ctx
+        self._lease_node: dict[int, str] = {}
+        self._last_beat: dict[str, object] = {}
+
+    async def register(
+        self,
+        node: str,
+        *,
+        address: str,
+        driver: str,
+        inventory: Inventory,
+        labels: dict[str, str],
+        roles: list[str],
+    ) -> None:
+        objects = self.ctx.objects
+        now = utcnow()
+        spec = NodeSpec.model_validate({"labels": labels, "roles": roles})
+        existing = await objects.find(Node, node)
+        if existing is None:
+            record = Node(
+                name=node,
+                id=new_id(),
+                created_at=now,
+                updated_at=now,
+                spec=spec,
+                status=NodeStatus(
+                    address=address, driver=driver, inventory=inventory, registered_at=now
+                ),
+            )
+            try:
+                await self.ctx.store.commit(
+                    [Objects.put(record)], [Objects.expect_missing(Node, node)]
+                )
+                return
+            except Conflict:
+                pass  # registered concurrently: refresh it below
+
+        def refresh(n: Node) -> Node:
+            n.spec = spec
+            n.status.address = address
+            n.status.driver = driver
+            n.status.inventory = inventory
+            n.status.registered_at = now
+            return n
+
+        await objects.update(Node, node, refresh)
+
+    async def open_liveness(self, node: str, ttl_s: int) -> int:
+        lease = await self.ctx.store.grant_lease(ttl_s)
+        value = json.dumps({"node": node, "since": utcnow().isoformat()}).encode()
+        await self.ctx.store.commit([Put(keys.liveness_key(node), value, lease=lease)])
+        self._lease_node[lease] = node
+        await self._beat(node)
+        return lease
+
+    async def keepalive(self, lease_id: int) -> int:
+        ttl = await self.ctx.store.keepalive(lease_id)
+        node = self._lease_node.get(lease_id)
+        if ttl > 0 and node is not None:
+            await self._beat(node)
+        return ttl
+
+    async def _beat(self, node: str) -> None:
+        now = utcnow()
+        last = self._last_beat.get(node)
+        if isinstance(last, type(now)) and now - last < _HEARTBEAT_EVERY:
+            return
+        self._last_beat[node] = now
+
+        def beat(n: Node) -> Node:
+            n.status.heartbeat_at = now
+            return n
+
+        try:
+            await self.ctx.objects.update(Node, node, beat)
+        except NotFound:
+            log.warning("heartbeat for unregistered node %s", node)
+
+    async def close_liveness(self, node: str, lease_id: int) -> None:
+        await self.ctx.store.revoke_lease(lease_id)
+        self._lease_node.pop(lease_id, None)
+
+    async def assignments(self, node: str) -> AsyncIterator[dict[str, Assignment]]:
+        prefix = keys.assign_prefix(node)
+        store = self.ctx.store
+        while True:
+            try:
+                items, revision = await store.list_all(prefix)
+                current = {kv.key: kv for kv in items}
+                yield self._decode_all(current)
+                async for event in store.watch(prefix, revision):
+                    if event.type == "delete":
+                        current.pop(event.kv.key, None)
+                    else:
+                        current[event.kv.key] = event.kv
+                    yield self._decode_all(current)
+            except Compacted:
+                continue
+            except CorralError as exc:
+                log.warning("assignment watch for %s failed (%s); re-listing", node, exc)
+                await asyncio.sleep(1.0)
+
+    @staticmethod
+    def _decode_all(kvs: dict[str, KV]) -> dict[str, Assignment]:
+        out: dict[str, Assignment] = {}
+        for key, kv in kvs.items():
+            try:
+                a = decode("assignment", kv.value, Assignment)
+            except CodecError as exc:
+                log.error("unreadable assignment %s: %s", key, exc)
+                continue
+            out[a.vm] = a
+        return out
+
+    async def report(self, node: str, observations: list[VmObservation]) -> None:
+        for obs in observations:
+
+            def observe(vm: Vm, obs: VmObservation = obs) -> Vm | None:
+                if vm.id != obs.vm_id or vm.status.node != node or obs.epoch < vm.status.epoch:
+                    return None  # a stale report about an older placement
+                st = vm.status
+                state = "deleting" if vm.deleting else obs.state
+                new = (state, obs.observed_generation, obs.started_at, obs.message)
+                if (st.state, st.observed_generation, st.started_at, st.message) == new:
+                    return None
+                st.state = state
+                st.observed_generation = max(st.observed_generation, obs.observed_generation)
+                st.started_at = obs.started_at
+                st.message = obs.message
+                return vm
+
+            try:
+                await self.ctx.objects.update(Vm, obs.vm, observe)
+            except NotFound:
+                log.info("report about vm %s, which no longer exists", obs.vm)
+
+    async def report_gone(self, node: str, vm: str, vm_id: str, epoch: int) -> None:
+        current = await self.ctx.objects.find(Vm, vm)
+        if current is None or current.id != vm_id or current.status.node != node:
+            return
+        if not current.deleting:
+            return
+        try:
+            await self.ctx.store.commit(
+                [Objects.delete(Vm, vm)], [Objects.expect_unchanged(current)]
+            )
+        except Conflict:
+            await self.report_gone(node, vm, vm_id, epoch)

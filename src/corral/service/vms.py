@@ -1,0 +1,258 @@
+"""VM use-cases: validate, stamp, and write the intent plus its task in one transaction.
+
+Handlers never talk to a hypervisor: they write intents; the leader's loops and the node agents
+act on them, and the task records what happened.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from corral.errors import Conflict, NotFound, PreconditionFailed, ValidationFailed
+from corral.model import Task, Vm, VmCreate, VmSpec, VmStatus, new_id, utcnow
+from corral.model.common import Strict, labels_match, merge_patch, parse_label_selector
+from corral.model.vm import VM_STATES
+from corral.service.context import RequestMeta, ServiceContext
+from corral.service.idempotency import IdempotencyGuard
+from corral.service.tasks import new_task
+from corral.service.validate import parse
+from corral.state import Expect, Objects, Put
+from corral.state.store import make_cursor
+
+__all__ = ["Accepted", "VmList", "VmService"]
+
+Action = Literal["start", "stop", "reboot", "delete"]
+_PATCHABLE = {"vcpus", "memory_mib", "labels"}
+
+
+@dataclass(frozen=True)
+class Accepted:
+    """A change accepted for work: the object as written and its task."""
+
+    vm: Vm
+    task: Task
+    replayed: bool = False
+
+
+@dataclass(frozen=True)
+class VmList:
+    items: list[Vm]
+    next_cursor: str | None
+    revision: int
+
+
+class StopBody(Strict):
+    """Body of ``POST /vms/{name}/stop``: ``force`` powers off without a guest shutdown."""
+
+    force: bool = False
+
+
+class VmService:
+    def __init__(self, ctx: ServiceContext) -> None:
+        self.ctx = ctx
+
+    # -- reads -----------------------------------------------------------------------------
+
+    async def get(self, name: str, *, stale: bool = False) -> Vm:
+        return await self.ctx.objects.get(Vm, name, serializable=stale)
+
+    async def list(
+        self,
+        *,
+        limit: int,
+        cursor: str | None,
+        label: str | None = None,
+        node: str | None = None,
+        state: str | None = None,
+        stale: bool = False,
+    ) -> VmList:
+        try:
+            terms = parse_label_selector(label) if label else []
+        except ValueError as exc:
+            raise ValidationFailed.one("label", "selector", str(exc)) from None
+        if state and state not in VM_STATES:
+            raise ValidationFailed.one("state", "one-of", f"must be one of {', '.join(VM_STATES)}")
+
+        def keep(vm: Vm) -> bool:
+            if node and vm.status.node != node:
+                return False
+            if state and vm.status.state != state:
+                return False
+            return labels_match(vm.spec.labels, terms)
+
+        items: list[Vm] = []
+        nxt = cursor
+        revision = 0
+        while True:
+            page = await self.ctx.objects.list(Vm, limit=limit, cursor=nxt, serializable=stale)
+            revision = revision or page.revision
+            for i, vm in enumerate(page.items):
+                if keep(vm):
+                    items.append(vm)
+                    if len(items) == limit:
+                        more = i < len(page.items) - 1 or page.next_cursor is not None
+                        cur = make_cursor(revision, Objects.key(Vm, vm.name)) if more else None
+                        return VmList(items, cur, revision)
+            nxt = page.next_cursor
+            if nxt is None:
+                return VmList(items, None, revision)
+
+    # -- create ----------------------------------------------------------------------------
+
+    async def create(self, body: Any, meta: RequestMeta) -> Accepted:
+        """Create a VM and its create task atomically (with the idempotency record)."""
+        req = parse(VmCreate, body)
+        guard = IdempotencyGuard(self.ctx, "vms", meta.idempotency_key, body)
+        replay = await guard.replay()
+        if replay is not None:
+            return await self._replayed(replay.response)
+        now = utcnow()
+        vm = Vm(
+            name=req.name,
+            id=new_id(),
+            created_at=now,
+            updated_at=now,
+            spec=req.spec(),
+            status=VmStatus(state="pending", message="waiting for placement"),
+        )
+        expected = vm.spec.power_state
+        task = new_task(
+            self.ctx,
+            meta,
+            "create",
+            vm.name,
+            {"generation": vm.generation, "expected_state": expected, "vm_id": vm.id},
+        )
+        ops: list[Put] = [
+            Objects.put(vm),
+            Objects.put(task),
+            *guard.ops(202, {"vm": vm.name, "task": task.id}),
+        ]
+        try:
+            rev = await self.ctx.store.commit(
+                ops, [Objects.expect_missing(Vm, vm.name), *guard.expect()]
+            )
+        except Conflict:
+            replay = await guard.replay()
+            if replay is not None:
+                return await self._replayed(replay.response)
+            raise Conflict(
+                f"vm {vm.name!r} already exists; pick another name or delete it first"
+            ) from None
+        for obj in (vm, task):
+            obj.create_revision = obj.mod_revision = rev
+        return Accepted(vm, task)
+
+    async def _replayed(self, refs: dict[str, Any]) -> Accepted:
+        task = await self.ctx.objects.get(Task, str(refs["task"]))
+        vm = await self.ctx.objects.find(Vm, str(refs["vm"]))
+        if vm is None:
+            raise NotFound(
+                f"vm {refs['vm']!r} created by this Idempotency-Key has since been deleted"
+            )
+        return Accepted(vm, task, replayed=True)
+
+    # -- patch -----------------------------------------------------------------------------
+
+    async def patch(self, name: str, patch: Any, meta: RequestMeta) -> Vm:
+        """JSON merge patch of the spec. Hardware changes take effect at the next start."""
+        if not isinstance(patch, dict):
+            raise ValidationFailed.one("", "type", "the body must be a JSON merge patch object")
+        for key in patch:
+            if key == "power_state":
+                raise ValidationFailed.one(
+                    key, "read-only", "change power with POST .../start or .../stop"
+                )
+            if key not in _PATCHABLE:
+                raise ValidationFailed.one(
+                    key, "unknown-field", f"unknown field; patchable: {', '.join(sorted(_PATCHABLE))}"
+                )
+        current = await self.get(name)
+        self._check_if_match(current, meta)
+        merged = merge_patch(current.spec.model_dump(mode="json"), patch)
+        spec = parse(VmSpec, merged)
+        if spec == current.spec:
+            return current
+        if current.deleting:
+            raise Conflict(f"vm {name!r} is being deleted")
+        current.spec = spec
+        current.generation += 1
+        current.updated_at = utcnow()
+        rev = await self.ctx.store.commit([Objects.put(current)], [self._expect(current, meta)])
+        current.mod_revision = rev
+        return current
+
+    # -- actions ---------------------------------------------------------------------------
+
+    async def act(self, name: str, action: Action, body: Any, meta: RequestMeta) -> Accepted:
+        """start / stop / reboot / delete: bump the VM's intent generation and add a task."""
+        force = False
+        if action == "stop" and body not in (None, {}):
+            force = parse(StopBody, body).force
+        elif body not in (None, {}):
+            raise ValidationFailed.one("", "empty", f"{action} takes no body")
+        guard = IdempotencyGuard(self.ctx, f"vms.{action}", meta.idempotency_key, [name, body])
+        replay = await guard.replay()
+        if replay is not None:
+            return await self._replayed(replay.response)
+        for _ in range(8):
+            vm = await self.get(name)
+            self._check_if_match(vm, meta)
+            if vm.deleting and action != "delete":
+                raise Conflict(f"vm {name!r} is being deleted")
+            vm.generation += 1
+            if action == "start":
+                vm.spec.power_state = "running"
+                vm.force_stop = False
+            elif action == "stop":
+                vm.spec.power_state = "stopped"
+                vm.force_stop = force
+            elif action == "reboot":
+                if vm.spec.power_state != "running":
+                    raise Conflict(f"vm {name!r} is stopped; start it instead of rebooting")
+                vm.reboot_generation = vm.generation
+            else:
+                vm.deleting = True
+                if vm.status.state != "deleting":
+                    vm.status.state = "deleting"
+            vm.updated_at = utcnow()
+            params: dict[str, Any] = {"generation": vm.generation, "vm_id": vm.id}
+            if action != "delete":
+                params["expected_state"] = vm.spec.power_state
+            if force:
+                params["force"] = True
+            task = new_task(self.ctx, meta, action, name, params)
+            try:
+                rev = await self.ctx.store.commit(
+                    [
+                        Objects.put(vm),
+                        Objects.put(task),
+                        *guard.ops(202, {"vm": name, "task": task.id}),
+                    ],
+                    [self._expect(vm, meta), *guard.expect()],
+                )
+            except Conflict:
+                replay = await guard.replay()
+                if replay is not None:
+                    return await self._replayed(replay.response)
+                continue  # the VM changed under us (a node report): re-read and re-apply
+            vm.mod_revision = task.create_revision = task.mod_revision = rev
+            return Accepted(vm, task)
+        raise Conflict(f"vm {name!r} kept changing; try again")
+
+    # -- helpers ---------------------------------------------------------------------------
+
+    @staticmethod
+    def _check_if_match(vm: Vm, meta: RequestMeta) -> None:
+        if meta.if_match is not None and meta.if_match != vm.mod_revision:
+            raise PreconditionFailed(
+                f"vm {vm.name!r} is at revision {vm.mod_revision}, not {meta.if_match}; "
+                "re-read it and retry"
+            )
+
+    @staticmethod
+    def _expect(vm: Vm, meta: RequestMeta) -> Expect:
+        if meta.if_match is not None:
+            return Expect(Objects.key(Vm, vm.name), mod_revision=meta.if_match)
+        return Objects.expect_unchanged(vm)

@@ -1,0 +1,91 @@
+"""Versioned JSON records: ``{"schema": "corral", "kind": ..., "v": N, "data": {...}}``.
+
+Every read and write goes through the pydantic model of its kind; a record written by a newer
+corral (an unknown ``v``) fails loudly instead of being misread.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, ValidationError
+
+from corral.model import (
+    Assignment,
+    ClusterInfo,
+    IdempotencyRecord,
+    LeaderRecord,
+    Node,
+    Task,
+    Vm,
+)
+
+__all__ = ["CURRENT_VERSION", "CodecError", "decode", "encode", "model_for"]
+
+CURRENT_VERSION = 1
+SUPPORTED_VERSIONS = frozenset({1})
+# Revisions come from etcd's key metadata, never from the stored value.
+_NOT_STORED = {"create_revision", "mod_revision"}
+
+_MODELS: dict[str, type[BaseModel]] = {
+    "vm": Vm,
+    "node": Node,
+    "task": Task,
+    "cluster": ClusterInfo,
+    "leader": LeaderRecord,
+    "idempotency": IdempotencyRecord,
+    "assignment": Assignment,
+}
+
+M = TypeVar("M", bound=BaseModel)
+
+
+class CodecError(Exception):
+    """A stored record cannot be read: wrong envelope, unknown version or invalid data."""
+
+
+def model_for(kind: str) -> type[BaseModel]:
+    try:
+        return _MODELS[kind]
+    except KeyError:
+        raise CodecError(f"no model for kind {kind!r}") from None
+
+
+def encode(kind: str, obj: BaseModel) -> bytes:
+    if not isinstance(obj, model_for(kind)):
+        raise CodecError(f"cannot store {type(obj).__name__} as kind {kind!r}")
+    data = obj.model_dump(mode="json", exclude=_NOT_STORED & set(type(obj).model_fields))
+    envelope = {"schema": "corral", "kind": kind, "v": CURRENT_VERSION, "data": data}
+    return json.dumps(envelope, separators=(",", ":"), sort_keys=True).encode()
+
+
+def decode(kind: str, raw: bytes, model: type[M], **meta: Any) -> M:
+    """Decode a record of ``kind``; ``meta`` (revisions) is merged into the data.
+
+    Raises CodecError when the record is not corral's, is of another kind, has an unknown
+    version, or does not validate.
+    """
+    try:
+        envelope = json.loads(raw)
+    except ValueError as exc:
+        raise CodecError(f"record of kind {kind!r} is not JSON: {exc}") from exc
+    if not isinstance(envelope, dict) or envelope.get("schema") != "corral":
+        raise CodecError(f"record of kind {kind!r} is not a corral record")
+    if envelope.get("kind") != kind:
+        raise CodecError(f"expected a {kind!r} record, found {envelope.get('kind')!r}")
+    version = envelope.get("v")
+    if version not in SUPPORTED_VERSIONS:
+        raise CodecError(
+            f"{kind} record has schema version {version!r}; this corral reads "
+            f"{sorted(SUPPORTED_VERSIONS)}: upgrade corral before reading this cluster"
+        )
+    data = envelope.get("data")
+    if not isinstance(data, dict):
+        raise CodecError(f"{kind} record has no data")
+    if meta:
+        data = {**data, **{k: v for k, v in meta.items() if k in model.model_fields}}
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise CodecError(f"{kind} record does not validate: {exc}") from exc

@@ -1,0 +1,436 @@
+"""The state store: the only module that talks to etcd (through aetcd).
+
+Contract:
+- ``get`` / ``list`` read linearizably unless ``serializable=True``.
+- ``commit(ops, expect)`` is one etcd transaction: all ops apply or none; when an expectation
+  fails it raises ``Conflict`` and nothing is written.
+- ``watch(prefix, from_revision)`` yields events after that revision; it raises ``Compacted``
+  when the revision is gone, so callers re-list and watch again.
+- Every etcd or network failure surfaces as ``corral.errors.Unavailable``.
+"""
+
+from __future__ import annotations
+
+import builtins
+
+import asyncio
+import base64
+import json
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
+
+import aetcd
+import aetcd.rpc as rpc
+from aetcd.utils import prefix_range_end
+
+from corral.errors import Conflict, CorralError, Malformed, Unavailable
+
+__all__ = [
+    "KV",
+    "Compacted",
+    "Delete",
+    "Expect",
+    "Member",
+    "Page",
+    "Put",
+    "Store",
+    "StoreStatus",
+    "WatchEvent",
+    "make_cursor",
+]
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class KV:
+    key: str
+    value: bytes
+    create_revision: int
+    mod_revision: int
+    version: int
+    lease: int
+
+
+@dataclass(frozen=True)
+class Put:
+    key: str
+    value: bytes
+    lease: int = 0
+
+
+@dataclass(frozen=True)
+class Delete:
+    key: str
+
+
+@dataclass(frozen=True)
+class Expect:
+    """One compare of a transaction. Exactly one of the revision fields is set.
+
+    ``Expect(key, mod_revision=0)`` means "the key does not exist".
+    ``Expect(key, create_revision=N)`` fences on a leadership key created at revision N.
+    """
+
+    key: str
+    mod_revision: int | None = None
+    create_revision: int | None = None
+
+    @classmethod
+    def missing(cls, key: str) -> Expect:
+        return cls(key, create_revision=0)
+
+    @classmethod
+    def unchanged(cls, kv: KV) -> Expect:
+        return cls(kv.key, mod_revision=kv.mod_revision)
+
+
+@dataclass(frozen=True)
+class Page:
+    items: list[KV]
+    next_cursor: str | None
+    revision: int
+
+
+@dataclass(frozen=True)
+class WatchEvent:
+    type: str  # "put" | "delete"
+    kv: KV
+
+
+@dataclass(frozen=True)
+class Member:
+    id: int
+    name: str
+    peer_urls: list[str]
+    client_urls: list[str]
+    is_learner: bool
+
+
+@dataclass(frozen=True)
+class StoreStatus:
+    version: str
+    leader_id: int
+    member_id: int
+    raft_term: int
+    raft_index: int
+    db_size: int
+    revision: int
+
+
+class Compacted(CorralError):
+    """The revision asked for has been compacted away; re-list and watch again."""
+
+    def __init__(self, compacted_revision: int) -> None:
+        super().__init__(f"revision compacted below {compacted_revision}")
+        self.compacted_revision = compacted_revision
+
+
+def _kv(raw: Any) -> KV:
+    return KV(
+        key=raw.key.decode(),
+        value=bytes(raw.value),
+        create_revision=raw.create_revision,
+        mod_revision=raw.mod_revision,
+        version=raw.version,
+        lease=raw.lease,
+    )
+
+
+def make_cursor(revision: int, last_key: str) -> str:
+    raw = json.dumps({"r": revision, "k": last_key}).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def _decode_cursor(cursor: str) -> tuple[int, str]:
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+        data = json.loads(raw)
+        return int(data["r"]), str(data["k"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise Malformed("cursor: not a cursor this server handed out") from exc
+
+
+class Store:
+    """An etcd client over one or more endpoints (``http://host:port``), failing over in turn."""
+
+    def __init__(self, endpoints: Sequence[str], *, timeout_s: int = 5) -> None:
+        if not endpoints:
+            raise ValueError("the store needs at least one etcd endpoint")
+        self._endpoints = list(endpoints)
+        self._timeout_s = timeout_s
+        self._index = 0
+        self._client: aetcd.Client | None = None
+        self._lock = asyncio.Lock()
+
+    @property
+    def endpoint(self) -> str:
+        return self._endpoints[self._index]
+
+    def _make_client(self) -> aetcd.Client:
+        parts = urlsplit(self.endpoint if "//" in self.endpoint else "http://" + self.endpoint)
+        return aetcd.Client(
+            host=parts.hostname or "127.0.0.1", port=parts.port or 2379, timeout=self._timeout_s
+        )
+
+    async def _connected(self) -> aetcd.Client:
+        async with self._lock:
+            if self._client is None:
+                client = self._make_client()
+                try:
+                    await client.connect()
+                except (aetcd.ClientError, OSError) as exc:
+                    raise Unavailable(f"etcd at {self.endpoint} unreachable: {exc}") from exc
+                self._client = client
+            return self._client
+
+    async def _failover(self) -> None:
+        async with self._lock:
+            client, self._client = self._client, None
+            self._index = (self._index + 1) % len(self._endpoints)
+        if client is not None:
+            try:
+                await client.close()
+            except Exception:  # closing a broken channel may raise anything
+                log.debug("closing etcd client failed", exc_info=True)
+
+    async def _call(self, fn: Callable[[aetcd.Client], Awaitable[T]]) -> T:
+        """Run ``fn`` with a client, translating aetcd errors (the one boundary)."""
+        client = await self._connected()
+        try:
+            return await fn(client)
+        except aetcd.RevisionCompactedError as exc:
+            raise Compacted(exc.compacted_revision) from exc
+        except (aetcd.ConnectionFailedError, aetcd.ConnectionTimeoutError) as exc:
+            await self._failover()
+            raise Unavailable(f"etcd at {self.endpoint} unavailable: {exc}") from exc
+        except aetcd.ClientError as exc:
+            raise Unavailable(f"etcd error: {exc}") from exc
+        except rpc.AioRpcError as exc:
+            await self._failover()
+            raise Unavailable(f"etcd error: {exc.details()}") from exc
+
+    async def close(self) -> None:
+        async with self._lock:
+            client, self._client = self._client, None
+        if client is not None:
+            await client.close()
+
+    # -- reads -----------------------------------------------------------------------------
+
+    async def get(self, key: str, *, serializable: bool = False) -> KV | None:
+        async def run(c: aetcd.Client) -> KV | None:
+            got = await c.get(key.encode(), serializable=serializable)
+            return None if got is None else _kv(got)
+
+        return await self._call(run)
+
+    async def get_many(self, keys: Sequence[str]) -> tuple[dict[str, KV], int]:
+        """Read several keys at one revision (a transaction of ranges)."""
+        if not keys:
+            return {}, await self.revision()
+
+        async def run(c: aetcd.Client) -> tuple[dict[str, KV], int]:
+            req = rpc.TxnRequest(
+                compare=[],
+                success=[
+                    rpc.RequestOp(request_range=rpc.RangeRequest(key=k.encode())) for k in keys
+                ],
+            )
+            resp = await c.kvstub.Txn(req, timeout=self._timeout_s, metadata=c.metadata)
+            found: dict[str, KV] = {}
+            for r in resp.responses:
+                for raw in r.response_range.kvs:
+                    kv = _kv(raw)
+                    found[kv.key] = kv
+            return found, int(resp.header.revision)
+
+        return await self._call(run)
+
+    async def list(
+        self,
+        prefix: str,
+        *,
+        limit: int = 0,
+        cursor: str | None = None,
+        serializable: bool = False,
+    ) -> Page:
+        """One page of keys under ``prefix`` in key order, all read at one revision.
+
+        ``limit=0`` reads everything. The cursor pins later pages to the first page's revision.
+        """
+        start = prefix
+        revision = 0
+        if cursor:
+            revision, last_key = _decode_cursor(cursor)
+            if not last_key.startswith(prefix):
+                raise Malformed("cursor: belongs to another listing")
+            start = last_key + "\0"
+
+        async def run(c: aetcd.Client) -> Page:
+            req = rpc.RangeRequest(
+                key=start.encode(),
+                range_end=prefix_range_end(prefix.encode()),
+                limit=limit,
+                revision=revision,
+                serializable=serializable,
+            )
+            resp = await c.kvstub.Range(req, timeout=self._timeout_s, metadata=c.metadata)
+            items = [_kv(raw) for raw in resp.kvs]
+            rev = revision or int(resp.header.revision)
+            nxt = make_cursor(rev, items[-1].key) if resp.more and items else None
+            return Page(items=items, next_cursor=nxt, revision=rev)
+
+        try:
+            return await self._call(run)
+        except Compacted:
+            if not revision:
+                raise
+            revision = 0  # the pinned revision is gone: continue at the current one
+            return await self._call(run)
+
+    async def list_all(self, prefix: str, *, serializable: bool = False) -> tuple[builtins.list[KV], int]:
+        page = await self.list(prefix, serializable=serializable)
+        return page.items, page.revision
+
+    async def revision(self) -> int:
+        async def run(c: aetcd.Client) -> int:
+            req = rpc.RangeRequest(key=b"/corral/v1/cluster", count_only=True)
+            resp = await c.kvstub.Range(req, timeout=self._timeout_s, metadata=c.metadata)
+            return int(resp.header.revision)
+
+        return await self._call(run)
+
+    # -- writes ----------------------------------------------------------------------------
+
+    async def commit(self, ops: Sequence[Put | Delete], expect: Sequence[Expect] = ()) -> int:
+        """Apply ``ops`` atomically if every expectation holds; return the new revision.
+
+        Raises Conflict (nothing written) when an expectation fails, Unavailable on etcd errors.
+        """
+
+        def compare(e: Expect) -> Any:
+            if e.create_revision is not None:
+                return rpc.Compare(
+                    key=e.key.encode(),
+                    target=rpc.Compare.CREATE,
+                    result=rpc.Compare.EQUAL,
+                    create_revision=e.create_revision,
+                )
+            return rpc.Compare(
+                key=e.key.encode(),
+                target=rpc.Compare.MOD,
+                result=rpc.Compare.EQUAL,
+                mod_revision=e.mod_revision or 0,
+            )
+
+        def op(o: Put | Delete) -> Any:
+            if isinstance(o, Put):
+                return rpc.RequestOp(
+                    request_put=rpc.PutRequest(key=o.key.encode(), value=o.value, lease=o.lease)
+                )
+            return rpc.RequestOp(request_delete_range=rpc.DeleteRangeRequest(key=o.key.encode()))
+
+        req = rpc.TxnRequest(compare=[compare(e) for e in expect], success=[op(o) for o in ops])
+
+        async def run(c: aetcd.Client) -> Any:
+            return await c.kvstub.Txn(req, timeout=self._timeout_s, metadata=c.metadata)
+
+        resp = await self._call(run)
+        if not resp.succeeded:
+            raise Conflict("the state changed concurrently: " + ", ".join(e.key for e in expect))
+        return int(resp.header.revision)
+
+    # -- watches ---------------------------------------------------------------------------
+
+    async def watch(self, prefix: str, from_revision: int) -> AsyncIterator[WatchEvent]:
+        """Yield every change under ``prefix`` after ``from_revision`` (exclusive)."""
+        client = await self._connected()
+        try:
+            watch = await client.watch_prefix(prefix.encode(), start_revision=from_revision + 1)
+        except aetcd.ClientError as exc:
+            await self._failover()
+            raise Unavailable(f"etcd watch failed: {exc}") from exc
+        try:
+            async for event in watch:
+                kind = "put" if event.kind == "PUT" else "delete"
+                yield WatchEvent(type=kind, kv=_kv(event.kv))
+        except aetcd.RevisionCompactedError as exc:
+            raise Compacted(exc.compacted_revision) from exc
+        except (aetcd.ClientError, rpc.AioRpcError) as exc:
+            await self._failover()
+            raise Unavailable(f"etcd watch broke: {exc}") from exc
+        finally:
+            try:
+                await watch.cancel()
+            except Exception:  # the stream may already be gone
+                log.debug("cancelling watch failed", exc_info=True)
+
+    # -- leases ----------------------------------------------------------------------------
+
+    async def grant_lease(self, ttl_s: int) -> int:
+        async def run(c: aetcd.Client) -> int:
+            lease = await c.lease(ttl_s)
+            return int(lease.id)
+
+        return await self._call(run)
+
+    async def keepalive(self, lease_id: int) -> int:
+        """Refresh a lease; returns its remaining TTL in seconds, 0 when it has expired."""
+
+        async def run(c: aetcd.Client) -> int:
+            reply = await c.refresh_lease(lease_id)
+            return 0 if reply is None else int(reply.TTL)
+
+        return await self._call(run)
+
+    async def revoke_lease(self, lease_id: int) -> None:
+        async def run(c: aetcd.Client) -> None:
+            try:
+                await c.revoke_lease(lease_id)
+            except aetcd.ClientError as exc:
+                if "not found" not in str(exc):
+                    raise
+
+        await self._call(run)
+
+    # -- cluster ---------------------------------------------------------------------------
+
+    async def members(self) -> builtins.list[Member]:
+        async def run(c: aetcd.Client) -> builtins.list[Member]:
+            resp = await c.clusterstub.MemberList(
+                rpc.MemberListRequest(), timeout=self._timeout_s, metadata=c.metadata
+            )
+            return [
+                Member(
+                    id=m.ID,
+                    name=m.name,
+                    peer_urls=list(m.peerURLs),
+                    client_urls=list(m.clientURLs),
+                    is_learner=bool(getattr(m, "isLearner", False)),
+                )
+                for m in resp.members
+            ]
+
+        return await self._call(run)
+
+    async def status(self) -> StoreStatus:
+        async def run(c: aetcd.Client) -> StoreStatus:
+            resp = await c.maintenancestub.Status(
+                rpc.StatusRequest(), timeout=self._timeout_s, metadata=c.metadata
+            )
+            return StoreStatus(
+                version=resp.version,
+                leader_id=resp.leader,
+                member_id=resp.header.member_id,
+                raft_term=resp.raftTerm,
+                raft_index=resp.raftIndex,
+                db_size=resp.dbSize,
+                revision=int(resp.header.revision),
+            )
+
+        return await self._call(run)
