@@ -55,7 +55,21 @@ class LeaderElection:
             raise Conflict("not the leader")
         return Expect(keys.LEADER, create_revision=self.term)
 
+    async def _resume(self) -> bool:
+        """Take back a term whose key still lives on our own lease (the store blinked)."""
+        if not self._lease:
+            return False
+        kv = await self.store.get(keys.LEADER)
+        if kv is None or kv.lease != self._lease:
+            return False
+        if await self.store.keepalive(self._lease) <= 0:
+            return False
+        self.term = kv.create_revision
+        return True
+
     async def _try_acquire(self) -> bool:
+        if await self._resume():
+            return True
         self._lease = await self.store.grant_lease(self.ttl_s)
         record = LeaderRecord(node=self.node, address=self.address, since=utcnow())
         try:
@@ -103,8 +117,10 @@ class LeaderElection:
             log.info("became leader (term %d)", self.term)
             leading: asyncio.Task[None] = asyncio.create_task(lead(self.term), name="leader-loops")
             holding = asyncio.create_task(self._hold(), name="leader-lease")
+            loops_ended = False
             try:
                 await asyncio.wait({leading, holding}, return_when=asyncio.FIRST_COMPLETED)
+                loops_ended = leading.done()
             finally:
                 for t in (leading, holding):
                     t.cancel()
@@ -113,9 +129,13 @@ class LeaderElection:
                         await t
                 term, self.term = self.term, 0
                 log.warning("stepped down as leader (term %d)", term)
-                with contextlib.suppress(CorralError):
-                    await self.store.revoke_lease(self._lease)
-            if leading.done() and not leading.cancelled() and leading.exception() is not None:
+                if loops_ended:
+                    # The loops failed: let another server try. (If the lease merely could
+                    # not be renewed, keep it: the term may be resumed when the store is back.)
+                    with contextlib.suppress(CorralError):
+                        await self.store.revoke_lease(self._lease)
+                    self._lease = 0
+            if loops_ended and not leading.cancelled() and leading.exception() is not None:
                 log.error("leader loops failed", exc_info=leading.exception())
             await asyncio.sleep(0.5)
 

@@ -79,36 +79,51 @@ class EtcdSupervisor:
         binary = shutil.which(c.binary) or c.binary
         cmd = [
             binary,
-            "--name", c.name,
-            "--data-dir", str(c.member_dir),
-            "--listen-client-urls", c.client_url,
-            "--advertise-client-urls", c.client_url,
-            "--listen-peer-urls", c.peer_url,
-            "--initial-advertise-peer-urls", c.peer_url,
-            "--auto-compaction-mode", "periodic",
-            "--auto-compaction-retention", "1h",
-            "--logger", "zap",
-            "--log-outputs", "stderr",
-        ]  # fmt: skip
+            "--name",
+            c.name,
+            "--data-dir",
+            str(c.member_dir),
+            "--listen-client-urls",
+            c.client_url,
+            "--advertise-client-urls",
+            c.client_url,
+            "--listen-peer-urls",
+            c.peer_url,
+            "--initial-advertise-peer-urls",
+            c.peer_url,
+            "--auto-compaction-mode",
+            "periodic",
+            "--auto-compaction-retention",
+            "1h",
+            "--logger",
+            "zap",
+            "--log-outputs",
+            "stderr",
+        ]
         if not (c.member_dir / "member").exists():
             cmd += [
-                "--initial-cluster", f"{c.name}={c.peer_url}",
-                "--initial-cluster-state", "new",
-                "--initial-cluster-token", f"corral-{c.name}",
-            ]  # fmt: skip
+                "--initial-cluster",
+                f"{c.name}={c.peer_url}",
+                "--initial-cluster-state",
+                "new",
+                "--initial-cluster-token",
+                f"corral-{c.name}",
+            ]
         return cmd
 
     async def _spawn(self) -> None:
         self.config.member_dir.mkdir(parents=True, exist_ok=True)
         os.chmod(self.config.member_dir, 0o700)
         log_path = self.config.data_dir / "etcd.log"
-        with open(log_path, "ab") as logf:
+        with open(log_path, "ab") as logf:  # noqa: ASYNC230 - opening a log file does not block
             self._proc = await asyncio.create_subprocess_exec(
                 *self._command(),
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=logf,
                 stderr=logf,
                 preexec_fn=_die_with_parent,
+                # Its own session: a Ctrl-C meant for the agent must not stop etcd first.
+                start_new_session=True,
             )
         log.info("started etcd member %s (pid %s)", self.config.name, self._proc.pid)
 

@@ -14,7 +14,7 @@ from corral.state.codec import decode
 
 __all__ = ["ControlSettings", "LeaderContext"]
 
-O = TypeVar("O", bound=ObjectMeta)
+ObjT = TypeVar("ObjT", bound=ObjectMeta)
 
 
 @dataclass(frozen=True)
@@ -49,7 +49,7 @@ class LeaderContext:
                 self.informer.apply_delete(op.key)
         return rev
 
-    def _get(self, model: type[O], name: str) -> O | None:
+    def _get(self, model: type[ObjT], name: str) -> ObjT | None:
         kv = self.informer.get(Objects.key(model, name))
         return None if kv is None else Objects.decode(model, kv)
 
@@ -62,7 +62,7 @@ class LeaderContext:
     def task(self, name: str) -> Task | None:
         return self._get(Task, name)
 
-    def all(self, model: type[O]) -> list[O]:
+    def all(self, model: type[ObjT]) -> list[ObjT]:
         prefix = keys.kind_prefix({Vm: "vms", Node: "nodes", Task: "tasks"}[model])
         return [Objects.decode(model, kv) for kv in self.informer.under(prefix)]
 

@@ -57,9 +57,7 @@ class LeaderLoops:
                 return
             self._tasks_by_vm.setdefault(task.spec.target.name, set()).add(task_id)
             self.tasks.add(task_id)
-        elif key.startswith(_NODES):
-            self.nodes.add(keys.name_from_key(key))
-        elif key.startswith(keys.LIVENESS_PREFIX):
+        elif key.startswith(_NODES) or key.startswith(keys.LIVENESS_PREFIX):
             self.nodes.add(keys.name_from_key(key))
         elif key.startswith(_ASSIGN):
             self.vms.add(keys.name_from_key(key))

@@ -49,8 +49,14 @@ def _progress(task: Task, done: int, step: str) -> TaskStatus:
     return st
 
 
-def _finish(task: Task, state: str, *, error: str | None = None, result: dict | None = None,  # type: ignore[type-arg]
-            step: str = "") -> TaskStatus:
+def _finish(
+    task: Task,
+    state: str,
+    *,
+    error: str | None = None,
+    result: dict | None = None,  # type: ignore[type-arg]
+    step: str = "",
+) -> TaskStatus:
     st = _progress(task, len(task.status.steps) if state == "succeeded" else 0, step)
     if state != "succeeded":
         st = task.status.model_copy(deep=True)

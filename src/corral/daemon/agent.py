@@ -9,7 +9,6 @@ import logging
 import os
 import signal
 from collections.abc import Generator
-from pathlib import Path
 
 import uvicorn
 
@@ -19,6 +18,7 @@ from corral.agent.runner import NodeAgent
 from corral.api.rest.app import ApiServices, create_app
 from corral.cluster import EtcdConfig, EtcdSupervisor, LeaderElection
 from corral.control import ControlSettings, run_leader
+from corral.daemon.settings import AgentSettings
 from corral.errors import Conflict, CorralError
 from corral.model import ClusterInfo, new_id, utcnow
 from corral.service.context import ServiceContext, ServiceSettings
@@ -28,8 +28,6 @@ from corral.service.tasks import TaskService
 from corral.service.vms import VmService
 from corral.state import Expect, Put, Store, keys
 from corral.state.codec import encode
-
-from corral.daemon.settings import AgentSettings
 
 __all__ = ["Agent", "AgentStartError"]
 
@@ -93,8 +91,9 @@ class Agent:
             raise AgentStartError(
                 "the etcd cluster holds no corral cluster: pass --bootstrap to create one"
             )
-        info = ClusterInfo(id=new_id(), name="corral", created_at=utcnow(),
-                           bootstrap_node=self.s.name)  # fmt: skip
+        info = ClusterInfo(
+            id=new_id(), name="corral", created_at=utcnow(), bootstrap_node=self.s.name
+        )
         with contextlib.suppress(Conflict):
             await store.commit(
                 [Put(keys.CLUSTER, encode("cluster", info))], [Expect.missing(keys.CLUSTER)]
@@ -110,8 +109,8 @@ class Agent:
                 await asyncio.wait_for(self.store.get(keys.CLUSTER), 2.0)
             except (CorralError, TimeoutError) as exc:
                 reasons.append(f"the state store is unreachable: {exc}")
-        if self.node_agent is not None and not self.node_agent.registered:
-            reasons.append("this node has not registered yet")
+        if self.node_agent is not None and self.node_agent.lease_id is None:
+            reasons.append("this node holds no liveness lease yet (registering)")
         return reasons
 
     async def run(self) -> None:
@@ -135,9 +134,14 @@ class Agent:
         )
         server = _ApiServer(
             uvicorn.Config(
-                app, host=s.bind, port=s.http_port, log_config=None, lifespan="off",
-                access_log=False, timeout_graceful_shutdown=5,
-            )  # fmt: skip
+                app,
+                host=s.bind,
+                port=s.http_port,
+                log_config=None,
+                lifespan="off",
+                access_log=False,
+                timeout_graceful_shutdown=5,
+            )
         )
         driver = make_driver(
             s.driver,
@@ -196,8 +200,11 @@ class Agent:
         stopper.cancel()
         server.should_exit = True
         if self.node_agent is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self.node_agent.shutdown(revoke_lease=True), 5.0)
+            # grpc may surface a closing channel as CancelledError; shutdown goes on regardless.
+            with contextlib.suppress(Exception, asyncio.CancelledError):
+                # The lease is left to expire: VMs keep running through an agent restart, so the
+                # node must not look gone at once (``--leave`` will revoke it).
+                await asyncio.wait_for(self.node_agent.shutdown(timeout_s=3.0), 5.0)
         if self.election is not None:
             await self.election.resign()
         for t in tasks:
@@ -212,5 +219,5 @@ class Agent:
         if self.etcd is not None:
             await self.etcd.stop()
         with contextlib.suppress(FileNotFoundError):
-            Path(self.data_dir / "agent.pid").unlink()
+            (self.data_dir / "agent.pid").unlink()
         log.info("stopped")

@@ -1,60 +1,85 @@
-"""``corral agent``: a click command whose options are generated from AgentSettings, so every
+"""``corral agent``: a Typer command whose options are generated from AgentSettings, so every
 setting is a flag, a CORRAL_* variable and a config-file key without being listed twice."""
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
-import sys
+import inspect
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
-import click
+import typer
 
 from corral.daemon.settings import AgentSettings, SettingsError, load_settings
 
-__all__ = ["agent_command"]
+__all__ = ["add_agent_command"]
+
+_HELP = "Run the corral agent on this host: etcd member, API, control loops and VMs."
 
 
-def _option(f: dataclasses.Field[Any]) -> click.Option:
-    flag = "--" + f.name.replace("_", "-")
-    help_text = f"{f.metadata.get('doc', '')} [env CORRAL_{f.name.upper()}]"
-    if f.type in (bool, "bool"):
-        return click.Option([flag], is_flag=True, default=None, help=help_text)
-    if f.name == "labels":
-        return click.Option(
-            ["--label", "labels"], multiple=True, help="node label k=v (repeatable) "
-            "[env CORRAL_LABELS=k=v,k2=v2]",
-        )  # fmt: skip
-    kind: Any = {int: int, "int": int, float: float, "float": float}.get(f.type, str)
-    return click.Option([flag], type=kind, default=None, help=help_text)
-
-
-def _run(config: str | None, **flags: Any) -> None:
+def _run_agent(**flags: Any) -> None:
     from corral.daemon.agent import Agent, AgentStartError
     from corral.telemetry import setup_logging
 
-    labels = flags.pop("labels", ())
+    config = flags.pop("config", None)
+    labels = flags.pop("labels", None)
     flags["labels"] = ",".join(labels) if labels else None
     try:
         settings = load_settings(flags, config=Path(config) if config else None)
     except SettingsError as exc:
-        click.echo(f"error: {exc}", err=True)
-        sys.exit(2)
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
     setup_logging(settings.log_level)
     try:
         asyncio.run(Agent(settings).run())
     except AgentStartError as exc:
-        click.echo(f"error: {exc}", err=True)
-        sys.exit(1)
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
 
 
-agent_command = click.Command(
-    "agent",
-    callback=_run,
-    help="Run the corral agent on this host: etcd member, API, control loops and VMs.",
-    params=[
-        click.Option(["--config"], default=None, help="TOML file of settings [env CORRAL_CONFIG]"),
-        *(_option(f) for f in dataclasses.fields(AgentSettings)),
-    ],
-)
+def _parameters() -> list[inspect.Parameter]:
+    """One keyword parameter per setting; None means "not given on the command line"."""
+    kinds: dict[Any, Any] = {"bool": bool, "int": int, "float": float, "Path": Path, "str": str}
+    params = [
+        inspect.Parameter(
+            "config",
+            inspect.Parameter.KEYWORD_ONLY,
+            default=None,
+            annotation=Annotated[
+                str | None,
+                typer.Option("--config", help="TOML file of settings (env CORRAL_CONFIG)"),
+            ],
+        )
+    ]
+    for f in dataclasses.fields(AgentSettings):
+        help_text = f"{f.metadata['doc']} (env CORRAL_{f.name.upper()})"
+        if f.name == "labels":
+            annotation: Any = Annotated[
+                list[str] | None,
+                typer.Option("--label", help="node label k=v, repeatable (env CORRAL_LABELS)"),
+            ]
+        else:
+            kind = kinds.get(f.type if isinstance(f.type, str) else f.type.__name__, str)
+            flag = "--" + f.name.replace("_", "-")
+            decls = [flag] if kind is not bool else [f"{flag}/--no-{flag[2:]}"]
+            annotation = Annotated[kind | None, typer.Option(*decls, help=help_text)]
+        params.append(
+            inspect.Parameter(
+                f.name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=annotation
+            )
+        )
+    return params
+
+
+def add_agent_command(app: typer.Typer) -> None:
+    """Register ``agent`` on the user CLI's app."""
+
+    def agent(**flags: Any) -> None:
+        _run_agent(**flags)
+
+    params = _parameters()
+    agent.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+    agent.__annotations__ = {p.name: p.annotation for p in params}
+    agent.__doc__ = _HELP
+    app.command("agent", help=_HELP)(agent)

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from corral.agent.drivers import DRIVERS
+
 __all__ = ["AgentSettings", "SettingsError", "load_settings"]
 
 
@@ -26,41 +28,64 @@ def _doc(text: str) -> dict[str, str]:
 
 @dataclass
 class AgentSettings:
-    name: str = field(default_factory=socket.gethostname, metadata=_doc(
-        "this host's node name (a DNS label)"))
-    data_dir: Path = field(default=Path(".corral"), metadata=_doc(
-        "where etcd data, driver state and logs live"))
-    bind: str = field(default="127.0.0.1", metadata=_doc(
-        "address every listener binds to (API, etcd client and peer)"))
+    name: str = field(
+        default_factory=socket.gethostname, metadata=_doc("this host's node name (a DNS label)")
+    )
+    data_dir: Path = field(
+        default=Path(".corral"), metadata=_doc("where etcd data, driver state and logs live")
+    )
+    bind: str = field(
+        default="127.0.0.1",
+        metadata=_doc("address every listener binds to (API, etcd client and peer)"),
+    )
     http_port: int = field(default=8700, metadata=_doc("REST API port"))
     etcd_client_port: int = field(default=8702, metadata=_doc("etcd client port"))
     etcd_peer_port: int = field(default=8703, metadata=_doc("etcd peer port"))
-    etcd_endpoints: str = field(default="", metadata=_doc(
-        "comma-separated URLs of an etcd cluster you run yourself; corral then starts none"))
-    bootstrap: bool = field(default=False, metadata=_doc(
-        "create a new cluster in an empty data dir"))
-    driver: str = field(default="fake", metadata=_doc(
-        "hypervisor driver: fake (in-memory, for trials and tests)"))
-    labels: str = field(default="", metadata=_doc(
-        "node labels as k=v,k2=v2 (the --label flag may be repeated)"))
-    lease_ttl_s: int = field(default=15, metadata=_doc(
-        "seconds a host may miss heartbeats before it is not-ready"))
-    leader_ttl_s: int = field(default=10, metadata=_doc(
-        "seconds a dead leader keeps the leadership before another server takes it"))
-    node_down_after_s: float = field(default=60.0, metadata=_doc(
-        "seconds without a liveness lease before a not-ready node is down"))
-    cpu_allocation_ratio: float = field(default=4.0, metadata=_doc(
-        "vCPUs the scheduler may place per host CPU"))
-    memory_allocation_ratio: float = field(default=1.0, metadata=_doc(
-        "guest MiB the scheduler may place per host MiB"))
-    task_timeout_s: float = field(default=600.0, metadata=_doc(
-        "a task that has not ended after this many seconds fails"))
-    fake_start_delay_s: float = field(default=0.5, metadata=_doc(
-        "fake driver: seconds a VM takes to start"))
-    fake_stop_delay_s: float = field(default=0.2, metadata=_doc(
-        "fake driver: seconds a VM takes to stop"))
-    fake_fail_start: str = field(default="", metadata=_doc(
-        "fake driver: glob of VM names whose start fails (failure injection)"))
+    etcd_endpoints: str = field(
+        default="",
+        metadata=_doc(
+            "comma-separated URLs of an etcd cluster you run yourself; corral then starts none"
+        ),
+    )
+    bootstrap: bool = field(
+        default=False, metadata=_doc("create a new cluster in an empty data dir")
+    )
+    driver: str = field(
+        default="fake", metadata=_doc("hypervisor driver: fake (in-memory, for trials and tests)")
+    )
+    labels: str = field(
+        default="", metadata=_doc("node labels as k=v,k2=v2 (the --label flag may be repeated)")
+    )
+    lease_ttl_s: int = field(
+        default=15, metadata=_doc("seconds a host may miss heartbeats before it is not-ready")
+    )
+    leader_ttl_s: int = field(
+        default=10,
+        metadata=_doc("seconds a dead leader keeps the leadership before another server takes it"),
+    )
+    node_down_after_s: float = field(
+        default=60.0,
+        metadata=_doc("seconds without a liveness lease before a not-ready node is down"),
+    )
+    cpu_allocation_ratio: float = field(
+        default=4.0, metadata=_doc("vCPUs the scheduler may place per host CPU")
+    )
+    memory_allocation_ratio: float = field(
+        default=1.0, metadata=_doc("guest MiB the scheduler may place per host MiB")
+    )
+    task_timeout_s: float = field(
+        default=600.0, metadata=_doc("a task that has not ended after this many seconds fails")
+    )
+    fake_start_delay_s: float = field(
+        default=0.5, metadata=_doc("fake driver: seconds a VM takes to start")
+    )
+    fake_stop_delay_s: float = field(
+        default=0.2, metadata=_doc("fake driver: seconds a VM takes to stop")
+    )
+    fake_fail_start: str = field(
+        default="",
+        metadata=_doc("fake driver: glob of VM names whose start fails (failure injection)"),
+    )
     log_level: str = field(default="info", metadata=_doc("debug, info, warning or error"))
 
     @property
@@ -161,4 +186,9 @@ def _check(s: AgentSettings) -> None:
         raise SettingsError("lease_ttl_s and leader_ttl_s must be at least 2 seconds")
     if s.log_level.lower() not in ("debug", "info", "warning", "error"):
         raise SettingsError(f"{describe('log_level')}: one of debug, info, warning, error")
+    if s.driver not in DRIVERS:
+        raise SettingsError(
+            f"{describe('driver')}: {s.driver!r} is not a driver; choose one of "
+            f"{', '.join(sorted(DRIVERS))}"
+        )
     s.label_dict()

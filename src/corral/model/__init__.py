@@ -9,10 +9,9 @@ from corral.model.task import FINAL_TASK_STATES, Step, Target, Task, TaskSpec, T
 from corral.model.vm import Vm, VmCreate, VmSpec, VmStatus
 
 __all__ = [
-    "Assignment",
-    "VmObservation",
     "FINAL_TASK_STATES",
     "Allocated",
+    "Assignment",
     "ClusterInfo",
     "IdempotencyRecord",
     "Inventory",
@@ -29,6 +28,7 @@ __all__ = [
     "TaskStatus",
     "Vm",
     "VmCreate",
+    "VmObservation",
     "VmSpec",
     "VmStatus",
     "new_id",

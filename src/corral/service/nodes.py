@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import builtins
-
 import contextlib
 from dataclasses import dataclass
 from typing import Any
@@ -87,10 +85,15 @@ class ClusterService:
                 "db_size_bytes": status.db_size,
             },
             "leader": (
-                {"node": leader[0].node, "address": leader[0].address, "term": leader[1],
-                 "since": rfc3339(leader[0].since)}
-                if leader else None
-            ),  # fmt: skip
+                {
+                    "node": leader[0].node,
+                    "address": leader[0].address,
+                    "term": leader[1],
+                    "since": rfc3339(leader[0].since),
+                }
+                if leader
+                else None
+            ),
             "members": [
                 {
                     "name": m.name,

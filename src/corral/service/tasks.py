@@ -10,7 +10,8 @@ from typing import Any
 
 from corral.control.tasks import steps_for
 from corral.errors import CorralError, ValidationFailed
-from corral.model import Target, Task, TaskSpec, TaskStatus, new_id, utcnow
+from corral.model import Target, Task, TaskSpec, TaskStatus, utcnow
+from corral.model.common import new_time_id
 from corral.service.context import RequestMeta, ServiceContext
 from corral.state import Objects
 from corral.state.store import make_cursor
@@ -22,7 +23,7 @@ def new_task(
     ctx: ServiceContext, meta: RequestMeta, action: str, vm: str, params: dict[str, Any]
 ) -> Task:
     now = utcnow()
-    task_id = new_id()
+    task_id = new_time_id()
     steps = steps_for(action)
     steps[0].state = "done"
     steps[0].started_at = steps[0].finished_at = now

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
 from corral.errors import FieldError, ValidationFailed
 
-__all__ = ["field_errors", "parse"]
+__all__ = ["field_errors", "parse", "to_field_error"]
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -29,29 +30,29 @@ _RULES = {
 }
 
 
-def _message(err: Any, model: type[BaseModel]) -> str:
+def _message(err: Mapping[str, Any], allowed: Iterable[str] | None) -> str:
     kind = err["type"]
     ctx = err.get("ctx") or {}
-    if kind == "greater_than_equal":
-        return f"must be >= {ctx.get('ge')}"
-    if kind == "less_than_equal":
-        return f"must be <= {ctx.get('le')}"
-    if kind == "greater_than":
-        return f"must be > {ctx.get('gt')}"
-    if kind == "less_than":
-        return f"must be < {ctx.get('lt')}"
+    bounds = {
+        "greater_than_equal": (">=", "ge"),
+        "less_than_equal": ("<=", "le"),
+        "greater_than": (">", "gt"),
+        "less_than": ("<", "lt"),
+    }
+    if kind in bounds:
+        op, key = bounds[kind]
+        return f"must be {op} {ctx.get(key)}"
     if kind == "string_too_long":
         return f"must be at most {ctx.get('max_length')} characters"
     if kind == "extra_forbidden":
-        allowed = ", ".join(sorted(model.model_fields))
-        return f"unknown field; allowed fields are: {allowed}"
+        if allowed is None:
+            return "unknown field"
+        return f"unknown field; allowed fields are: {', '.join(sorted(allowed))}"
     if kind == "missing":
         return "is required"
     if kind.endswith("_type") or kind.endswith("_parsing"):
         expected = kind.removesuffix("_type").removesuffix("_parsing")
-        expected = {"int": "an integer", "str": "a string", "dict": "an object",
-                    "bool": "true or false", "float": "a number", "model": "an object",
-                    "list": "a list"}.get(expected, expected)  # fmt: skip
+        expected = _EXPECTED.get(expected, expected)
         return f"must be {expected}, got {type(err.get('input')).__name__}"
     if kind == "literal_error":
         return f"must be one of {ctx.get('expected')}"
@@ -60,18 +61,33 @@ def _message(err: Any, model: type[BaseModel]) -> str:
     return str(err["msg"])
 
 
-def field_errors(exc: ValidationError, model: type[BaseModel], prefix: str = "") -> list[FieldError]:
-    out = []
-    for err in exc.errors(include_url=False):
-        loc = ".".join(str(p) for p in err["loc"])
-        out.append(
-            FieldError(
-                field=prefix + loc,
-                rule=_RULES.get(err["type"], "type" if err["type"].endswith("_type") else "invalid"),
-                message=_message(err, model),
-            )
-        )
-    return out
+_EXPECTED = {
+    "int": "an integer",
+    "str": "a string",
+    "dict": "an object",
+    "bool": "true or false",
+    "float": "a number",
+    "model": "an object",
+    "list": "a list",
+}
+
+
+def to_field_error(
+    err: Mapping[str, Any], field: str, allowed: Iterable[str] | None = None
+) -> FieldError:
+    """One pydantic error as a FieldError; ``allowed`` lists the fields of the object."""
+    kind = str(err["type"])
+    rule = _RULES.get(kind, "type" if kind.endswith(("_type", "_parsing")) else "invalid")
+    return FieldError(field=field, rule=rule, message=_message(err, allowed))
+
+
+def field_errors(
+    exc: ValidationError, model: type[BaseModel], prefix: str = ""
+) -> list[FieldError]:
+    return [
+        to_field_error(err, prefix + ".".join(str(p) for p in err["loc"]), model.model_fields)
+        for err in exc.errors(include_url=False)
+    ]
 
 
 def parse(model: type[M], data: Any, *, prefix: str = "") -> M:

@@ -166,7 +166,9 @@ class VmService:
                 )
             if key not in _PATCHABLE:
                 raise ValidationFailed.one(
-                    key, "unknown-field", f"unknown field; patchable: {', '.join(sorted(_PATCHABLE))}"
+                    key,
+                    "unknown-field",
+                    f"unknown field; patchable: {', '.join(sorted(_PATCHABLE))}",
                 )
         current = await self.get(name)
         self._check_if_match(current, meta)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import builtins
-
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Generic, TypeVar
@@ -17,7 +16,7 @@ from corral.state.store import KV, Delete, Expect, Put, Store
 
 __all__ = ["ObjectPage", "Objects", "kind_of"]
 
-O = TypeVar("O", bound=ObjectMeta)
+ObjT = TypeVar("ObjT", bound=ObjectMeta)
 
 # model -> (key kind, record kind)
 _KINDS: dict[type[ObjectMeta], tuple[str, str]] = {
@@ -32,8 +31,8 @@ def kind_of(model: type[ObjectMeta]) -> tuple[str, str]:
 
 
 @dataclass(frozen=True)
-class ObjectPage(Generic[O]):
-    items: list[O]
+class ObjectPage(Generic[ObjT]):
+    items: list[ObjT]
     next_cursor: str | None
     revision: int
 
@@ -49,7 +48,7 @@ class Objects:
         return keys.object_key(kind_of(model)[0], name)
 
     @staticmethod
-    def decode(model: type[O], kv: KV) -> O:
+    def decode(model: type[ObjT], kv: KV) -> ObjT:
         return decode(
             kind_of(model)[1],
             kv.value,
@@ -75,11 +74,13 @@ class Objects:
     def expect_missing(model: type[ObjectMeta], name: str) -> Expect:
         return Expect.missing(Objects.key(model, name))
 
-    async def find(self, model: type[O], name: str, *, serializable: bool = False) -> O | None:
+    async def find(
+        self, model: type[ObjT], name: str, *, serializable: bool = False
+    ) -> ObjT | None:
         kv = await self.store.get(self.key(model, name), serializable=serializable)
         return None if kv is None else self.decode(model, kv)
 
-    async def get(self, model: type[O], name: str, *, serializable: bool = False) -> O:
+    async def get(self, model: type[ObjT], name: str, *, serializable: bool = False) -> ObjT:
         found = await self.find(model, name, serializable=serializable)
         if found is None:
             raise NotFound(f"{kind_of(model)[1]} {name!r} not found")
@@ -87,12 +88,12 @@ class Objects:
 
     async def list(
         self,
-        model: type[O],
+        model: type[ObjT],
         *,
         limit: int = 0,
         cursor: str | None = None,
         serializable: bool = False,
-    ) -> ObjectPage[O]:
+    ) -> ObjectPage[ObjT]:
         prefix = keys.kind_prefix(kind_of(model)[0])
         page = await self.store.list(prefix, limit=limit, cursor=cursor, serializable=serializable)
         return ObjectPage(
@@ -101,20 +102,22 @@ class Objects:
             revision=page.revision,
         )
 
-    async def all(self, model: type[O], *, serializable: bool = False) -> tuple[builtins.list[O], int]:
+    async def all(
+        self, model: type[ObjT], *, serializable: bool = False
+    ) -> tuple[builtins.list[ObjT], int]:
         page = await self.list(model, serializable=serializable)
         return page.items, page.revision
 
     async def update(
         self,
-        model: type[O],
+        model: type[ObjT],
         name: str,
-        change: Callable[[O], O | None],
+        change: Callable[[ObjT], ObjT | None],
         *,
         expect: Sequence[Expect] = (),
-        extra_ops: Callable[[O], Sequence[Put | Delete]] | None = None,
+        extra_ops: Callable[[ObjT], Sequence[Put | Delete]] | None = None,
         attempts: int = 8,
-    ) -> O | None:
+    ) -> ObjT | None:
         """Read-modify-write with compare-and-swap, retrying on concurrent changes.
 
         ``change`` gets a fresh copy and returns the new object, or None to write nothing.

@@ -11,10 +11,9 @@ Contract:
 
 from __future__ import annotations
 
-import builtins
-
 import asyncio
 import base64
+import builtins
 import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -293,7 +292,9 @@ class Store:
             revision = 0  # the pinned revision is gone: continue at the current one
             return await self._call(run)
 
-    async def list_all(self, prefix: str, *, serializable: bool = False) -> tuple[builtins.list[KV], int]:
+    async def list_all(
+        self, prefix: str, *, serializable: bool = False
+    ) -> tuple[builtins.list[KV], int]:
         page = await self.list(prefix, serializable=serializable)
         return page.items, page.revision
 

@@ -41,7 +41,9 @@ def setup_logging(level: str = "info", *, json_logs: bool | None = None) -> None
         json_logs = not sys.stderr.isatty()
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(
-        _JsonFormatter() if json_logs else _TextFormatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s")
+        _JsonFormatter()
+        if json_logs
+        else _TextFormatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s")
     )
     root = logging.getLogger()
     root.handlers[:] = [handler]

@@ -10,42 +10,92 @@ from corral.model import Target, Task, TaskSpec, Vm, VmSpec, VmStatus, utcnow
 
 def _task(action: str, **params: Any) -> Task:
     now = utcnow()
-    return Task(name="t1", id="t1", created_at=now, updated_at=now,
-                spec=TaskSpec(action=action, target=Target(kind="vm", name="web-1"),
-                              params=params),
-                status={"steps": steps_for(action)})  # type: ignore[arg-type]  # fmt: skip
+    return Task(
+        name="t1",
+        id="t1",
+        created_at=now,
+        updated_at=now,
+        spec=TaskSpec(action=action, target=Target(kind="vm", name="web-1"), params=params),
+        status={"steps": steps_for(action)},
+    )  # type: ignore[arg-type]
 
 
 def _vm(state: str, observed: int, node: str | None = "n1", **kw: Any) -> Vm:
     now = utcnow()
-    return Vm(name="web-1", id="v1", created_at=now, updated_at=now, spec=VmSpec(),
-              status=VmStatus(state=state, node=node, observed_generation=observed),  # type: ignore[arg-type]
-              **kw)  # fmt: skip
+    return Vm(
+        name="web-1",
+        id="v1",
+        created_at=now,
+        updated_at=now,
+        spec=VmSpec(),
+        status=VmStatus(state=state, node=node, observed_generation=observed),  # type: ignore[arg-type]
+        **kw,
+    )
 
 
 @pytest.mark.parametrize(
     ("action", "params", "vm", "state", "step_or_error"),
     [
-        ("create", {"generation": 1, "expected_state": "running"}, _vm("pending", 0, None),
-         "running", "waiting for a node"),
-        ("create", {"generation": 1, "expected_state": "running"}, _vm("starting", 0),
-         "running", "starting on node n1"),
-        ("create", {"generation": 1, "expected_state": "running"}, _vm("running", 1),
-         "succeeded", "vm web-1 running on n1"),
-        ("stop", {"generation": 3, "expected_state": "stopped"}, _vm("running", 2),
-         "running", "stopping on node n1"),
-        ("stop", {"generation": 3, "expected_state": "stopped"}, _vm("running", 4),
-         "cancelled", "superseded by a later request"),
-        ("start", {"generation": 2, "expected_state": "running"}, _vm("failed", 2),
-         "failed", "the node failed"),
-        ("start", {"generation": 2, "expected_state": "running"}, None,
-         "failed", "was deleted before this task ended"),
-        ("start", {"generation": 2, "expected_state": "running"}, _vm("running", 1, deleting=True),
-         "cancelled", "is being deleted"),
+        (
+            "create",
+            {"generation": 1, "expected_state": "running"},
+            _vm("pending", 0, None),
+            "running",
+            "waiting for a node",
+        ),
+        (
+            "create",
+            {"generation": 1, "expected_state": "running"},
+            _vm("starting", 0),
+            "running",
+            "starting on node n1",
+        ),
+        (
+            "create",
+            {"generation": 1, "expected_state": "running"},
+            _vm("running", 1),
+            "succeeded",
+            "vm web-1 running on n1",
+        ),
+        (
+            "stop",
+            {"generation": 3, "expected_state": "stopped"},
+            _vm("running", 2),
+            "running",
+            "stopping on node n1",
+        ),
+        (
+            "stop",
+            {"generation": 3, "expected_state": "stopped"},
+            _vm("running", 4),
+            "cancelled",
+            "superseded by a later request",
+        ),
+        (
+            "start",
+            {"generation": 2, "expected_state": "running"},
+            _vm("failed", 2),
+            "failed",
+            "the node failed",
+        ),
+        (
+            "start",
+            {"generation": 2, "expected_state": "running"},
+            None,
+            "failed",
+            "was deleted before this task ended",
+        ),
+        (
+            "start",
+            {"generation": 2, "expected_state": "running"},
+            _vm("running", 1, deleting=True),
+            "cancelled",
+            "is being deleted",
+        ),
         ("delete", {"generation": 2}, _vm("deleting", 1), "running", "removing vm from node n1"),
         ("delete", {"generation": 2}, None, "succeeded", "vm deleted"),
     ],
-)  # fmt: skip
+)
 def test_task_outcome_follows_observed_state(
     action: str, params: dict[str, Any], vm: Vm | None, state: str, step_or_error: str
 ) -> None:

@@ -37,7 +37,9 @@ def test_every_setting_has_a_doc_an_env_var_and_a_key(tmp_path: Path) -> None:
         ({"name": "n1", "labels": "novalue"}, {}, "must look like key=value"),
     ],
 )
-def test_bad_settings_name_the_flag(flags: dict[str, object], env: dict[str, str], match: str) -> None:
+def test_bad_settings_name_the_flag(
+    flags: dict[str, object], env: dict[str, str], match: str
+) -> None:
     with pytest.raises(SettingsError, match=match):
         load_settings(flags, env=env)
 

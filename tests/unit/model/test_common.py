@@ -33,3 +33,18 @@ def test_merge_patch_follows_rfc_7396() -> None:
     patched = merge_patch(spec, {"labels": {"a": None, "c": "3"}, "vcpus": 2})
     assert patched == {"vcpus": 2, "labels": {"b": "2", "c": "3"}}
     assert spec == {"vcpus": 1, "labels": {"a": "1", "b": "2"}}
+
+
+def test_time_ids_are_uuid7_and_sort_by_creation() -> None:
+    import time
+    import uuid
+
+    from corral.model.common import new_time_id
+
+    ids = []
+    for _ in range(5):
+        ids.append(new_time_id())
+        time.sleep(0.002)
+    assert ids == sorted(ids)
+    assert all(uuid.UUID(i).version == 7 for i in ids)
+    assert len(set(ids)) == 5

@@ -4,8 +4,12 @@ from corral.scheduler import NodeView, Request, Snapshot, schedule
 
 
 def _node(name: str, **kw: object) -> NodeView:
-    base: dict[str, object] = {"state": "ready", "roles": ("server", "compute"), "cpus": 4,
-                               "memory_mib": 4096}  # fmt: skip
+    base: dict[str, object] = {
+        "state": "ready",
+        "roles": ("server", "compute"),
+        "cpus": 4,
+        "memory_mib": 4096,
+    }
     base.update(kw)
     return NodeView(name=name, **base)  # type: ignore[arg-type]
 
@@ -41,7 +45,9 @@ def test_every_rejection_has_its_reason() -> None:
 def test_memory_overcommit_ratio_is_honoured() -> None:
     node = _node("n1", memory_mib=1000, used_memory_mib=1000)
     assert schedule(Snapshot((node,)), Request("a", 1, 500)).node is None
-    assert schedule(Snapshot((node,), memory_allocation_ratio=1.5), Request("a", 1, 500)).node == "n1"
+    assert (
+        schedule(Snapshot((node,), memory_allocation_ratio=1.5), Request("a", 1, 500)).node == "n1"
+    )
 
 
 def test_empty_cluster() -> None:

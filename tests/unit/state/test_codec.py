@@ -4,15 +4,21 @@ import json
 
 import pytest
 
-from corral.model import Task, Target, TaskSpec, Vm, VmSpec, utcnow
+from corral.model import Target, Task, TaskSpec, Vm, VmSpec, utcnow
 from corral.state.codec import CodecError, decode, encode
 
 
 def _vm() -> Vm:
     now = utcnow()
-    return Vm(name="web-1", id="0f", created_at=now, updated_at=now,
-              spec=VmSpec(vcpus=2, memory_mib=512, labels={"tier": "web"}),
-              create_revision=5, mod_revision=9)  # fmt: skip
+    return Vm(
+        name="web-1",
+        id="0f",
+        created_at=now,
+        updated_at=now,
+        spec=VmSpec(vcpus=2, memory_mib=512, labels={"tier": "web"}),
+        create_revision=5,
+        mod_revision=9,
+    )
 
 
 def test_round_trip_keeps_data_and_takes_revisions_from_etcd() -> None:
@@ -26,7 +32,7 @@ def test_round_trip_keeps_data_and_takes_revisions_from_etcd() -> None:
 def test_unknown_version_fails_loudly_and_says_upgrade() -> None:
     envelope = json.loads(encode("vm", _vm()))
     envelope["v"] = 2
-    with pytest.raises(CodecError, match="schema version 2.*upgrade corral"):
+    with pytest.raises(CodecError, match=r"schema version 2.*upgrade corral"):
         decode("vm", json.dumps(envelope).encode(), Vm)
 
 
@@ -46,7 +52,12 @@ def test_bad_records_are_refused(raw: bytes, match: str) -> None:
 
 def test_encode_refuses_a_model_of_another_kind() -> None:
     now = utcnow()
-    task = Task(name="t", id="t", created_at=now, updated_at=now,
-                spec=TaskSpec(action="create", target=Target(kind="vm", name="a")))  # fmt: skip
+    task = Task(
+        name="t",
+        id="t",
+        created_at=now,
+        updated_at=now,
+        spec=TaskSpec(action="create", target=Target(kind="vm", name="a")),
+    )
     with pytest.raises(CodecError, match="cannot store Task as kind 'vm'"):
         encode("vm", task)

@@ -121,7 +121,9 @@ def create_app(services: ApiServices) -> FastAPI:
     async def list_vms(
         limit: Limit = 100,
         cursor: Cursor = None,
-        label: Annotated[str | None, Query(max_length=1024, examples=["tier=web,env!=prod"])] = None,
+        label: Annotated[
+            str | None, Query(max_length=1024, examples=["tier=web,env!=prod"])
+        ] = None,
         node: Annotated[str | None, Query(max_length=63)] = None,
         state: Annotated[str | None, Query(max_length=32)] = None,
         stale: Stale = False,

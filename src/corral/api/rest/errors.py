@@ -11,9 +11,10 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from corral.errors import CorralError, FieldError, Unavailable, Unschedulable, ValidationFailed
+from corral.service.validate import to_field_error
 from corral.telemetry import REQUEST_ID
 
-__all__ = ["install_error_handlers", "problem"]
+__all__ = ["bug_response", "install_error_handlers", "problem"]
 
 log = logging.getLogger(__name__)
 TYPE_BASE = "https://corral.dev/errors/"
@@ -43,6 +44,17 @@ def problem(
     return JSONResponse(body, status, headers=headers, media_type="application/problem+json")
 
 
+def bug_response() -> JSONResponse:
+    """A 500 that says it is a bug, and where to look."""
+    return problem(
+        500,
+        "internal",
+        "Internal error",
+        "corral hit a bug handling this request; the agent log has the details under this "
+        "request id",
+    )
+
+
 def _from_corral(exc: CorralError) -> JSONResponse:
     headers = {}
     extra: dict[str, Any] = {}
@@ -53,46 +65,31 @@ def _from_corral(exc: CorralError) -> JSONResponse:
         extra["reasons"] = [{"node": r.node, "reason": r.reason} for r in exc.reasons]
     if exc.status >= 500 and not isinstance(exc, Unavailable):
         log.error("internal error: %s", exc.detail, exc_info=exc)
-    return problem(exc.status, exc.type_slug, exc.title, exc.detail, errors=errors,
-                   headers=headers, extra=extra)  # fmt: skip
+    return problem(
+        exc.status,
+        exc.type_slug,
+        exc.title,
+        exc.detail,
+        errors=errors,
+        headers=headers,
+        extra=extra,
+    )
 
 
 def _request_validation(exc: RequestValidationError) -> JSONResponse:
     field_errors: list[FieldError] = []
     for err in exc.errors():
         loc = [str(p) for p in err.get("loc", ())]
-        if err.get("type") == "json_invalid":
-            return problem(
-                400,
-                "malformed",
-                "Malformed request",
-                f"the body is not valid JSON: {err.get('ctx', {}).get('error', err.get('msg'))}",
-            )
         where = loc[0] if loc else ""
         path = loc[1:] if where in ("body", "query", "path", "header") else loc
-        name = ".".join(path) if path else where
-        kind = err.get("type", "invalid")
-        ctx = err.get("ctx") or {}
-        if kind == "missing" and where == "body" and not path:
+        if err.get("type") == "json_invalid":
+            error = (err.get("ctx") or {}).get("error", err.get("msg"))
+            return problem(
+                400, "malformed", "Malformed request", f"the body is not valid JSON: {error}"
+            )
+        if err.get("type") == "missing" and where == "body" and not path:
             return problem(400, "malformed", "Malformed request", "a JSON body is required")
-        msg = str(err.get("msg", "invalid"))
-        if kind == "greater_than_equal":
-            msg = f"must be >= {ctx.get('ge')}"
-        elif kind == "less_than_equal":
-            msg = f"must be <= {ctx.get('le')}"
-        elif kind == "extra_forbidden":
-            msg = "unknown field"
-        elif kind == "missing":
-            msg = "is required"
-        elif kind == "value_error":
-            msg = str(ctx.get("error", msg))
-        rule = {"greater_than_equal": "ge", "less_than_equal": "le", "missing": "required",
-                "extra_forbidden": "unknown-field", "string_too_long": "max-length",
-                "value_error": "format"}.get(kind, "type" if kind.endswith("_type") else kind)  # fmt: skip
-        if kind.endswith("_type") or kind.endswith("_parsing"):
-            rule = "type"
-            msg = f"{msg} (got {type(err.get('input')).__name__})"
-        field_errors.append(FieldError(name, rule, msg))
+        field_errors.append(to_field_error(err, ".".join(path) if path else where))
     return _from_corral(ValidationFailed(field_errors))
 
 
@@ -108,22 +105,14 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         slug, title = {
+            400: ("malformed", "Malformed request"),
             404: ("not-found", "Not found"),
             405: ("method-not-allowed", "Method not allowed"),
             413: ("too-large", "Request too large"),
         }.get(exc.status_code, ("http", "HTTP error"))
         detail = str(exc.detail)
         if exc.status_code == 404 and detail == "Not Found":
-            detail = f"no such endpoint: {request.method} {request.url.path}; see /api/v1/openapi.json"
+            detail = (
+                f"no such endpoint: {request.method} {request.url.path}; see /api/v1/openapi.json"
+            )
         return problem(exc.status_code, slug, title, detail, headers=getattr(exc, "headers", None))
-
-    @app.exception_handler(Exception)
-    async def bug(_: Request, exc: Exception) -> JSONResponse:
-        log.error("unhandled error (a bug in corral)", exc_info=exc)
-        return problem(
-            500,
-            "internal",
-            "Internal error",
-            "corral hit a bug handling this request; the server log has the details under "
-            "this request id",
-        )

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import logging
 import re
+
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from corral.api.rest.errors import bug_response as _bug_response
 from corral.api.rest.errors import problem
 from corral.model import new_id
 from corral.telemetry import REQUEST_ID
 
 __all__ = ["BodyLimitMiddleware", "RequestIdMiddleware"]
 
+log = logging.getLogger(__name__)
 _GOOD_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 
@@ -32,54 +36,68 @@ class RequestIdMiddleware:
                 message["headers"].append((b"x-request-id", rid.encode()))
             await send(message)
 
+        started = False
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send_with_id(message)
+
         try:
-            await self.app(scope, receive, send_with_id)
+            await self.app(scope, receive, tracking_send)
+        except Exception:
+            # Answer a bug here, inside the request's context, so the 500 carries its id.
+            log.exception("unhandled error (a bug in corral)")
+            if not started:
+                await _bug_response()(scope, receive, send_with_id)
         finally:
             REQUEST_ID.reset(token)
 
 
-class _TooLarge(Exception):
-    pass
-
-
 class BodyLimitMiddleware:
-    """Refuse bodies over ``max_bytes`` with 413, whether declared or streamed."""
+    """Refuse bodies over ``max_bytes`` with 413, whether declared or streamed.
+
+    The body is read here (bounded) before the app sees it, so an oversized chunked upload is
+    refused before any of it is parsed.
+    """
 
     def __init__(self, app: ASGIApp, max_bytes: int) -> None:
         self.app = app
         self.max_bytes = max_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
             await self.app(scope, receive, send)
             return
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
             await self._reject(scope, receive, send)
             return
-        seen = 0
-        started = False
-
-        async def counting_receive() -> Message:
-            nonlocal seen
+        chunks: list[bytes] = []
+        size = 0
+        while True:
             message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > self.max_bytes:
-                    raise _TooLarge
-            return message
-
-        async def tracking_send(message: Message) -> None:
-            nonlocal started
-            if message["type"] == "http.response.start":
-                started = True
-            await send(message)
-
-        try:
-            await self.app(scope, counting_receive, tracking_send)
-        except _TooLarge:
-            if not started:
+            if message["type"] != "http.request":
+                break  # the client went away
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_bytes:
                 await self._reject(scope, receive, send)
+                return
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        body = b"".join(chunks)
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
 
     async def _reject(self, scope: Scope, receive: Receive, send: Send) -> None:
         response = problem(

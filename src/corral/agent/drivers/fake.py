@@ -1,0 +1,259 @@
+"""The ``fake`` driver: an in-memory hypervisor whose VM table survives agent restarts.
+
+It is for logic tests and for simulating many hosts in one process. Nothing is booted: a VM is
+a row in a table. The table is written to ``<state_dir>/fake-vms.json`` after every change
+(atomically: a temporary file in the same directory, fsync, then ``os.replace``), so a new
+``FakeDriver`` over the same directory models an agent restart: ``recover()`` returns the same
+VMs, still running, with the same ``started_at`` (running VMs are re-attached, never restarted).
+
+Timings and failures are injectable: ``start_delay_s`` / ``stop_delay_s`` make start and
+graceful stop take time, ``fail_start`` is an fnmatch glob of VM names whose start fails, and
+``inject_crash(name)`` turns a running VM ``crashed``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import builtins
+import fnmatch
+import json
+import os
+import tempfile
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any, get_args
+
+from pydantic import ValidationError
+
+from corral import __version__
+from corral.agent.drivers.base import DriverVm, RuntimeState
+from corral.errors import DriverError
+from corral.model import VmSpec
+
+__all__ = ["STATE_FILE", "FakeDriver"]
+
+STATE_FILE = "fake-vms.json"
+_FORMAT_VERSION = 1
+_RUNTIME_STATES: frozenset[str] = frozenset(get_args(RuntimeState))
+
+
+def _copy(vm: DriverVm) -> DriverVm:
+    """A copy that shares nothing mutable with ``vm`` (callers must not edit the table)."""
+    return replace(vm, spec=vm.spec.model_copy(deep=True), extra=dict(vm.extra))
+
+
+def _to_json(vm: DriverVm) -> dict[str, Any]:
+    return {
+        "name": vm.name,
+        "vm_id": vm.vm_id,
+        "epoch": vm.epoch,
+        "spec": vm.spec.model_dump(mode="json"),
+        "state": vm.state,
+        "started_at": vm.started_at.isoformat() if vm.started_at else None,
+        "applied_generation": vm.applied_generation,
+        "reboot_generation": vm.reboot_generation,
+        "message": vm.message,
+        "extra": dict(vm.extra),
+    }
+
+
+def _from_json(row: dict[str, Any]) -> DriverVm:
+    """Parse one persisted row; raises KeyError, TypeError or ValueError when it is malformed."""
+    state = row["state"]
+    if state not in _RUNTIME_STATES:
+        raise ValueError(f"unknown state {state!r}")
+    started_at = row.get("started_at")
+    return DriverVm(
+        name=str(row["name"]),
+        vm_id=str(row["vm_id"]),
+        epoch=int(row["epoch"]),
+        spec=VmSpec.model_validate(row["spec"]),
+        state=state,
+        started_at=datetime.fromisoformat(started_at) if started_at else None,
+        applied_generation=int(row.get("applied_generation", 0)),
+        reboot_generation=int(row.get("reboot_generation", 0)),
+        message=str(row.get("message", "")),
+        extra={str(k): str(v) for k, v in dict(row.get("extra", {})).items()},
+    )
+
+
+class FakeDriver:
+    """An in-memory hypervisor with a persisted VM table (see the module docstring).
+
+    Every method raises ``DriverError`` for a VM that is not defined (except ``destroy`` and
+    ``inspect``, which are idempotent) and when the state file cannot be read or written.
+    """
+
+    name: str = "fake"
+
+    def __init__(
+        self,
+        state_dir: Path,
+        *,
+        start_delay_s: float = 0.0,
+        stop_delay_s: float = 0.0,
+        fail_start: str = "",
+    ) -> None:
+        """Open (or create) the VM table in ``state_dir``; raises DriverError if it is corrupt."""
+        self.state_dir = Path(state_dir)
+        self.start_delay_s = start_delay_s
+        self.stop_delay_s = stop_delay_s
+        # Mutable so a test can make a VM's start fail and later succeed.
+        self.fail_start = fail_start
+        self._path = self.state_dir / STATE_FILE
+        self._vms: dict[str, DriverVm] = self._load()
+
+    # -- persistence ------------------------------------------------------------------------
+
+    def _load(self) -> dict[str, DriverVm]:
+        try:
+            raw = self._path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            return {}
+        except OSError as exc:
+            raise DriverError(f"fake driver: cannot read {self._path}: {exc}") from exc
+        try:
+            doc = json.loads(raw)
+            if doc.get("version") != _FORMAT_VERSION:
+                raise ValueError(f"unsupported format version {doc.get('version')!r}")
+            vms = [_from_json(row) for row in doc["vms"]]
+        except (KeyError, TypeError, ValueError, AttributeError, ValidationError) as exc:
+            raise DriverError(f"fake driver: corrupt state file {self._path}: {exc}") from exc
+        return {vm.name: vm for vm in vms}
+
+    def _save(self) -> None:
+        """Write the whole table atomically: readers see the old file or the new one."""
+        doc = {
+            "version": _FORMAT_VERSION,
+            "vms": [_to_json(vm) for vm in sorted(self._vms.values(), key=lambda v: v.name)],
+        }
+        try:
+            self.state_dir.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=".fake-vms.", suffix=".tmp", dir=self.state_dir)
+            try:
+                with os.fdopen(fd, "w", encoding="utf-8") as fh:
+                    json.dump(doc, fh, indent=1, sort_keys=True)
+                    fh.flush()
+                    os.fsync(fh.fileno())
+                os.replace(tmp, self._path)
+            except BaseException:
+                Path(tmp).unlink(missing_ok=True)
+                raise
+        except OSError as exc:
+            raise DriverError(f"fake driver: cannot write {self._path}: {exc}") from exc
+
+    def _get(self, name: str) -> DriverVm:
+        vm = self._vms.get(name)
+        if vm is None:
+            raise DriverError(f"fake driver: vm {name} is not defined on this host")
+        return vm
+
+    def _set(self, vm: DriverVm) -> DriverVm:
+        self._vms[vm.name] = vm
+        self._save()
+        return _copy(vm)
+
+    @staticmethod
+    def _now_after(previous: datetime | None) -> datetime:
+        """Now, but strictly after ``previous`` (a reboot must visibly change ``started_at``)."""
+        now = datetime.now(UTC)
+        if previous is not None and now <= previous:
+            now = previous + timedelta(microseconds=1)
+        return now
+
+    # -- test hooks -------------------------------------------------------------------------
+
+    def inject_crash(self, name: str) -> None:
+        """Turn a running VM ``crashed`` (as if its process died); raises DriverError otherwise."""
+        vm = self._get(name)
+        if vm.state != "running":
+            raise DriverError(f"fake driver: cannot crash vm {name}: it is {vm.state}")
+        self._set(replace(vm, state="crashed", started_at=None, message="fake driver: crashed"))
+
+    # -- the Driver protocol ----------------------------------------------------------------
+
+    async def fingerprint(self) -> dict[str, str]:
+        """``{"hypervisor": "fake", "version": <corral version>}``."""
+        return {"hypervisor": "fake", "version": __version__}
+
+    async def recover(self) -> builtins.list[DriverVm]:
+        """Every VM in the persisted table, untouched: running ones stay running."""
+        return [_copy(vm) for vm in sorted(self._vms.values(), key=lambda v: v.name)]
+
+    async def define(self, vm: DriverVm) -> DriverVm:
+        """Create ``vm`` stopped. Idempotent for the same name and vm_id (the stored VM is
+        returned unchanged); raises DriverError when the name is taken by another vm_id."""
+        existing = self._vms.get(vm.name)
+        if existing is not None:
+            if existing.vm_id != vm.vm_id:
+                raise DriverError(
+                    f"fake driver: vm {vm.name} is already defined with id {existing.vm_id}"
+                )
+            return _copy(existing)
+        return self._set(replace(_copy(vm), state="stopped", started_at=None))
+
+    async def start(self, name: str) -> DriverVm:
+        """Boot after ``start_delay_s``; ``started_at`` becomes now. Idempotent when running.
+
+        A paused VM resumes (``started_at`` kept). Raises DriverError for names matching
+        ``fail_start``; the VM then stays as it was.
+        """
+        vm = self._get(name)
+        if vm.state == "running":
+            return _copy(vm)
+        if self.start_delay_s > 0:
+            await asyncio.sleep(self.start_delay_s)
+        if self.fail_start and fnmatch.fnmatchcase(name, self.fail_start):
+            raise DriverError(f"fake driver: injected start failure for vm {name}")
+        vm = self._get(name)  # re-read: the table may have changed while we slept
+        if vm.state == "running":
+            return _copy(vm)
+        started_at = vm.started_at if vm.state == "paused" else self._now_after(vm.started_at)
+        return self._set(replace(vm, state="running", started_at=started_at, message=""))
+
+    async def stop(self, name: str, *, force: bool = False, timeout_s: float = 60.0) -> DriverVm:
+        """Power off: a graceful stop takes ``stop_delay_s`` (at most ``timeout_s``), ``force``
+        none. Idempotent when stopped; a crashed VM is cleaned up to ``stopped``."""
+        vm = self._get(name)
+        if vm.state == "stopped":
+            return _copy(vm)
+        if not force and vm.state == "running":
+            delay = min(self.stop_delay_s, timeout_s)
+            if delay > 0:
+                await asyncio.sleep(delay)
+        vm = self._get(name)
+        return self._set(replace(vm, state="stopped", started_at=None))
+
+    async def reboot(self, name: str) -> DriverVm:
+        """Reset a running VM: ``started_at`` becomes now. Raises DriverError if not running."""
+        vm = self._get(name)
+        if vm.state != "running":
+            raise DriverError(f"fake driver: cannot reboot vm {name}: it is {vm.state}")
+        return self._set(replace(vm, started_at=self._now_after(vm.started_at)))
+
+    async def update(self, name: str, vm: DriverVm) -> DriverVm:
+        """Store ``vm``'s spec, epoch, generations, message and extra; the runtime state and
+        ``started_at`` stay the hypervisor's. Raises DriverError when vm_id differs."""
+        current = self._get(name)
+        if vm.vm_id != current.vm_id:
+            raise DriverError(f"fake driver: vm {name} has id {current.vm_id}, not {vm.vm_id}")
+        new = replace(_copy(vm), name=name, state=current.state, started_at=current.started_at)
+        return self._set(new)
+
+    async def destroy(self, name: str) -> None:
+        """Remove the VM (stopping it first is implied). Idempotent."""
+        if self._vms.pop(name, None) is not None:
+            self._save()
+
+    async def inspect(self, name: str) -> DriverVm | None:
+        """A copy of the VM, or None when it is not defined here."""
+        vm = self._vms.get(name)
+        return _copy(vm) if vm is not None else None
+
+    async def close(self) -> None:
+        """Nothing to release: the table is already on disk. VMs keep "running"."""
+
+    async def list(self) -> builtins.list[DriverVm]:
+        """Copies of every defined VM, sorted by name."""
+        return [_copy(vm) for vm in sorted(self._vms.values(), key=lambda v: v.name)]

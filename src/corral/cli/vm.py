@@ -1,0 +1,361 @@
+"""`corral vm ...`: list, show, create, edit, start, stop, reboot and delete virtual machines."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Annotated, Any
+
+import typer
+
+from corral.cli.context import CliState, OutputFormat, get_state
+from corral.cli.params import (
+    LabelsOpt,
+    OutputOpt,
+    TimeoutOpt,
+    WaitOpt,
+    parse_label_keys,
+    parse_labels,
+    parse_memory,
+)
+from corral.cli.render import (
+    cell,
+    dig,
+    emit,
+    fmt_age,
+    fmt_labels,
+    fmt_mib,
+    fmt_time,
+    kv_view,
+    new_table,
+    print_json,
+    short_id,
+    state_cell,
+)
+from corral.cli.waiting import finish_action
+from corral.client import ActionResult, ApiObject, NotFound
+
+__all__ = ["vm_app"]
+
+vm_app = typer.Typer(
+    name="vm", help="Create, inspect and drive virtual machines.", no_args_is_help=True
+)
+
+NameArg = Annotated[str, typer.Argument(metavar="NAME", help="The VM's name.", show_default=False)]
+VcpusOpt = Annotated[
+    int | None, typer.Option("--vcpus", min=1, help="Virtual CPUs.", show_default=False)
+]
+MemoryOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--memory",
+        "-m",
+        parser=parse_memory,
+        metavar="SIZE",
+        help="Memory: MiB (512) or with a unit (512M, 1G, 1.5G, 2048MiB).",
+        show_default=False,
+    ),
+]
+
+
+def _vm_line(name: str) -> Callable[[ApiObject | None, ApiObject | None], str]:
+    """A describer of how VM `name` ended up: `vm web-1 running on n1 (task 6f1c2a3b)`."""
+
+    def describe(vm: ApiObject | None, task: ApiObject | None) -> str:
+        vm = vm or {}
+        line = f"vm {name} {dig(vm, 'status', 'state') or 'gone'}"
+        node = dig(vm, "status", "node")
+        if node:
+            line += f" on {node}"
+        message = dig(vm, "status", "message")
+        if message:
+            line += f": {message}"
+        if task is not None:
+            line += f" (task {short_id(task.get('id'))})"
+        return line
+
+    return describe
+
+
+def _refresher(state: CliState, name: str) -> Callable[[], ApiObject | None]:
+    def refresh() -> ApiObject | None:
+        try:
+            return state.client().get_vm(name)
+        except NotFound:
+            return None
+
+    return refresh
+
+
+def _finish(
+    state: CliState,
+    result: ActionResult,
+    *,
+    name: str,
+    verb: str,
+    wait: bool,
+    timeout: float | None,
+    output: OutputFormat | None,
+) -> None:
+    finish_action(
+        state,
+        result,
+        wait=wait,
+        timeout=timeout,
+        json_output=state.wants_json(output),
+        refresh=_refresher(state, name),
+        success=_vm_line(name),
+        accepted=f"{verb} of vm {name} accepted",
+    )
+
+
+@vm_app.command("ls")
+def vm_ls(
+    ctx: typer.Context,
+    label: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--label",
+            "-l",
+            metavar="SELECTOR",
+            help="Label selector, e.g. tier=web,env!=prod; repeats are ANDed.",
+            show_default=False,
+        ),
+    ] = None,
+    node: Annotated[
+        str | None, typer.Option("--node", help="Only VMs on this node.", show_default=False)
+    ] = None,
+    vm_state: Annotated[
+        str | None,
+        typer.Option("--state", help="Only VMs in this state (running, ...).", show_default=False),
+    ] = None,
+    output: OutputOpt = None,
+) -> None:
+    """List VMs (every page): NAME, STATE, NODE, VCPUS, MEMORY, LABELS, AGE."""
+    state = get_state(ctx)
+    selector = ",".join(label) if label else None
+    pager = state.client().iter_vms(label=selector, node=node, state=vm_state)
+    items = list(pager)
+    if state.wants_json(output):
+        print_json({"items": items, "next_cursor": None, "revision": pager.revision})
+        return
+    if not items:
+        typer.echo("no vms found", err=True)
+        return
+    now = state.now()
+    table = new_table("NAME", "STATE", "NODE", "VCPUS", "MEMORY", "LABELS", "AGE")
+    for vm in items:
+        table.add_row(
+            cell(vm.get("name")),
+            state_cell(dig(vm, "status", "state")),
+            cell(dig(vm, "status", "node")),
+            cell(dig(vm, "spec", "vcpus")),
+            cell(fmt_mib(dig(vm, "spec", "memory_mib"))),
+            cell(fmt_labels(dig(vm, "spec", "labels"))),
+            cell(fmt_age(vm.get("created_at"), now)),
+        )
+    emit(state.out, table)
+
+
+@vm_app.command("show")
+def vm_show(ctx: typer.Context, name: NameArg, output: OutputOpt = None) -> None:
+    """Show one VM: desired spec, observed status and revisions."""
+    state = get_state(ctx)
+    vm = state.client().get_vm(name)
+    if state.wants_json(output):
+        print_json(vm)
+        return
+    now = state.now()
+    generation = vm.get("generation")
+    observed = dig(vm, "status", "observed_generation")
+    rows = [
+        ("Name", cell(vm.get("name"))),
+        ("ID", cell(vm.get("id"))),
+        ("State", state_cell(dig(vm, "status", "state"))),
+        ("Node", cell(dig(vm, "status", "node"))),
+        ("Message", cell(dig(vm, "status", "message"))),
+        ("Power (desired)", cell(dig(vm, "spec", "power_state"))),
+        ("vCPUs", cell(dig(vm, "spec", "vcpus"))),
+        ("Memory", cell(fmt_mib(dig(vm, "spec", "memory_mib")))),
+        ("Labels", cell(fmt_labels(dig(vm, "spec", "labels")))),
+        ("Started", cell(fmt_time(dig(vm, "status", "started_at"), now))),
+        ("Generation", cell(f"{generation} (observed {observed})" if generation else None)),
+        ("Revision", cell(f"{vm.get('mod_revision')} (created at {vm.get('create_revision')})")),
+        ("Created", cell(fmt_time(vm.get("created_at"), now))),
+        ("Updated", cell(fmt_time(vm.get("updated_at"), now))),
+    ]
+    emit(state.out, kv_view(rows))
+
+
+@vm_app.command("create")
+def vm_create(
+    ctx: typer.Context,
+    name: NameArg,
+    vcpus: VcpusOpt = None,
+    memory: MemoryOpt = None,
+    label: LabelsOpt = None,
+    start: Annotated[
+        bool, typer.Option("--start/--no-start", help="Start the VM once it is created.")
+    ] = True,
+    wait: WaitOpt = True,
+    timeout: TimeoutOpt = None,
+    output: OutputOpt = None,
+) -> None:
+    """Create a VM (and start it, unless --no-start); waits for the task by default."""
+    state = get_state(ctx)
+    spec: dict[str, Any] = {"name": name, "power_state": "running" if start else "stopped"}
+    if vcpus is not None:
+        spec["vcpus"] = vcpus
+    if memory is not None:
+        spec["memory_mib"] = memory
+    labels = parse_labels(label)
+    if labels:
+        spec["labels"] = labels
+    result = state.client().create_vm(spec)
+    _finish(state, result, name=name, verb="create", wait=wait, timeout=timeout, output=output)
+
+
+@vm_app.command("edit")
+def vm_edit(
+    ctx: typer.Context,
+    name: NameArg,
+    vcpus: VcpusOpt = None,
+    memory: MemoryOpt = None,
+    label: LabelsOpt = None,
+    remove_label: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--remove-label",
+            metavar="KEY",
+            help="A label to remove; repeatable.",
+            show_default=False,
+        ),
+    ] = None,
+    if_match: Annotated[
+        int | None,
+        typer.Option(
+            "--if-match",
+            metavar="REVISION",
+            help="Only if the VM is still at this mod_revision (else exit 4).",
+            show_default=False,
+        ),
+    ] = None,
+    output: OutputOpt = None,
+) -> None:
+    """Change a VM's spec (a JSON merge patch): vCPUs, memory, labels."""
+    state = get_state(ctx)
+    patch: dict[str, Any] = {}
+    if vcpus is not None:
+        patch["vcpus"] = vcpus
+    if memory is not None:
+        patch["memory_mib"] = memory
+    labels: dict[str, str | None] = dict(parse_labels(label))
+    for key in parse_label_keys(remove_label):
+        if key in labels:
+            raise typer.BadParameter(
+                f"label {key!r} is both set with --label and removed", param_hint="'--remove-label'"
+            )
+        labels[key] = None
+    if labels:
+        patch["labels"] = labels
+    if not patch:
+        raise typer.BadParameter(
+            "nothing to change; give --vcpus, --memory, --label or --remove-label",
+            param_hint="'vm edit'",
+        )
+    vm = state.client().patch_vm(name, patch, if_match=if_match)
+    if state.wants_json(output):
+        print_json(vm)
+        return
+    typer.echo(
+        f"vm {vm.get('name', name)} updated (generation {vm.get('generation', '?')}, "
+        f"revision {vm.get('mod_revision', '?')})"
+    )
+
+
+def _action(
+    ctx: typer.Context,
+    name: str,
+    action: str,
+    *,
+    body: dict[str, Any] | None,
+    wait: bool,
+    timeout: float | None,
+    output: OutputFormat | None,
+) -> None:
+    state = get_state(ctx)
+    result = state.client().vm_action(name, action, body)
+    _finish(state, result, name=name, verb=action, wait=wait, timeout=timeout, output=output)
+
+
+@vm_app.command("start")
+def vm_start(
+    ctx: typer.Context,
+    name: NameArg,
+    wait: WaitOpt = True,
+    timeout: TimeoutOpt = None,
+    output: OutputOpt = None,
+) -> None:
+    """Start a stopped VM (placing it on a node if it has none)."""
+    _action(ctx, name, "start", body=None, wait=wait, timeout=timeout, output=output)
+
+
+@vm_app.command("stop")
+def vm_stop(
+    ctx: typer.Context,
+    name: NameArg,
+    force: Annotated[
+        bool, typer.Option("--force", help="Power off at once instead of shutting down cleanly.")
+    ] = False,
+    wait: WaitOpt = True,
+    timeout: TimeoutOpt = None,
+    output: OutputOpt = None,
+) -> None:
+    """Stop a VM: a clean shutdown, or a hard power-off with --force."""
+    body = {"force": True} if force else None
+    _action(ctx, name, "stop", body=body, wait=wait, timeout=timeout, output=output)
+
+
+@vm_app.command("reboot")
+def vm_reboot(
+    ctx: typer.Context,
+    name: NameArg,
+    wait: WaitOpt = True,
+    timeout: TimeoutOpt = None,
+    output: OutputOpt = None,
+) -> None:
+    """Reboot a running VM."""
+    _action(ctx, name, "reboot", body=None, wait=wait, timeout=timeout, output=output)
+
+
+@vm_app.command("delete")
+def vm_delete(
+    ctx: typer.Context,
+    name: NameArg,
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
+    wait: WaitOpt = True,
+    timeout: TimeoutOpt = None,
+    output: OutputOpt = None,
+) -> None:
+    """Delete a VM and its resources (asks first unless --yes)."""
+    state = get_state(ctx)
+    if not yes:
+        vm = state.client().get_vm(name)  # a missing VM exits 3 before any question
+        where = dig(vm, "status", "node")
+        detail = f" ({dig(vm, 'status', 'state')}" + (f" on {where})" if where else ")")
+        typer.confirm(f"delete vm {name}{detail}?", abort=True, err=True)
+    result = state.client().delete_vm(name)
+
+    def deleted(vm: ApiObject | None, task: ApiObject | None) -> str:
+        suffix = f" (task {short_id(task.get('id'))})" if task is not None else ""
+        return f"vm {name} deleted{suffix}"
+
+    finish_action(
+        state,
+        result,
+        wait=wait,
+        timeout=timeout,
+        json_output=state.wants_json(output),
+        refresh=_refresher(state, name),
+        success=deleted,
+        accepted=f"delete of vm {name} accepted",
+    )

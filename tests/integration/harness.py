@@ -1,0 +1,145 @@
+"""Real agent processes with real etcd on 127.0.0.x, for integration tests."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+__all__ = ["AgentProcess", "free_port"]
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class AgentProcess:
+    """One ``corral agent`` child. ``start`` waits until /readyz answers 200."""
+
+    data_dir: Path
+    name: str = "n1"
+    bind: str = "127.0.0.1"
+    env: dict[str, str] = field(default_factory=dict)
+    extra_args: list[str] = field(default_factory=list)
+    http_port: int = 0
+    proc: subprocess.Popen[bytes] | None = None
+
+    def __post_init__(self) -> None:
+        self.http_port = self.http_port or free_port(self.bind)
+        self.etcd_client_port = free_port(self.bind)
+        self.etcd_peer_port = free_port(self.bind)
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.bind}:{self.http_port}"
+
+    @property
+    def log_path(self) -> Path:
+        return self.data_dir / "agent.log"
+
+    def command(self, bootstrap: bool) -> list[str]:
+        cmd = [
+            sys.executable,
+            "-m",
+            "corral",
+            "agent",
+            "--name",
+            self.name,
+            "--data-dir",
+            str(self.data_dir),
+            "--bind",
+            self.bind,
+            "--http-port",
+            str(self.http_port),
+            "--etcd-client-port",
+            str(self.etcd_client_port),
+            "--etcd-peer-port",
+            str(self.etcd_peer_port),
+            *self.extra_args,
+        ]
+        if bootstrap:
+            cmd.append("--bootstrap")
+        return cmd
+
+    def start(self, *, bootstrap: bool = True, timeout_s: float = 60.0) -> AgentProcess:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        env = {k: v for k, v in os.environ.items() if not k.startswith("CORRAL_")}
+        # Fast fake VMs, and room for the hundreds of small VMs tests create on a 2-CPU host.
+        env.update(
+            {
+                "CORRAL_FAKE_START_DELAY_S": "0.05",
+                "CORRAL_FAKE_STOP_DELAY_S": "0.05",
+                "CORRAL_CPU_ALLOCATION_RATIO": "128",
+            }
+        )
+        env.update(self.env)
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                self.command(bootstrap), stdout=log, stderr=log, stdin=subprocess.DEVNULL, env=env
+            )
+        self.wait_ready(timeout_s)
+        return self
+
+    def wait_ready(self, timeout_s: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise AssertionError(f"agent exited with {self.proc.returncode}:\n{self.tail()}")
+            try:
+                if httpx.get(self.url + "/readyz", timeout=1.0).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        raise AssertionError(f"agent not ready after {timeout_s}s:\n{self.tail()}")
+
+    def tail(self, lines: int = 40) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except FileNotFoundError:
+            return "(no log)"
+
+    def client(self, **kw: Any) -> httpx.Client:
+        return httpx.Client(base_url=self.url, timeout=kw.pop("timeout", 30.0), **kw)
+
+    def stop(self, timeout_s: float = 30.0) -> int:
+        """SIGTERM and wait; returns the exit code."""
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else 0
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise AssertionError(
+                f"agent ignored SIGTERM for {timeout_s}s:\n{self.tail()}"
+            ) from None
+
+    def kill(self) -> None:
+        """SIGKILL the agent; its etcd dies with it (PR_SET_PDEATHSIG)."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self._wait_etcd_gone()
+
+    def _wait_etcd_gone(self, timeout_s: float = 15.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            with socket.socket() as s:
+                if s.connect_ex((self.bind, self.etcd_client_port)) != 0:
+                    return
+            time.sleep(0.1)
+        raise AssertionError("etcd still listening after its agent died")

@@ -1,0 +1,171 @@
+"""The fake hypervisor: behaviour, injected failures, and a VM table that survives restarts."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from corral import __version__
+from corral.agent.drivers import DRIVERS, FakeDriver, make_driver
+from corral.agent.drivers.base import DriverVm
+from corral.agent.drivers.fake import STATE_FILE
+from corral.errors import DriverError
+from corral.model import VmSpec
+
+
+def new_vm(name: str = "web-1", vm_id: str = "id-1", epoch: int = 1) -> DriverVm:
+    return DriverVm(name=name, vm_id=vm_id, epoch=epoch, spec=VmSpec(), state="stopped")
+
+
+async def test_restarted_driver_recovers_running_vm_with_same_started_at(
+    tmp_path: Path,
+) -> None:
+    first = FakeDriver(tmp_path)
+    await first.define(new_vm())
+    started = await first.start("web-1")
+    await first.update("web-1", replace(started, applied_generation=7))
+    assert started.state == "running" and started.started_at is not None
+
+    # A new driver over the same directory is an agent restart.
+    [recovered] = await FakeDriver(tmp_path).recover()
+    assert recovered.state == "running"
+    assert recovered.started_at == started.started_at
+    assert recovered.applied_generation == 7
+    assert recovered.spec == VmSpec()
+
+
+def _on_disk(state_dir: Path) -> tuple[list[str], list[str]]:
+    """The files in ``state_dir`` and the VM names in the state file."""
+    doc = json.loads((state_dir / STATE_FILE).read_text())
+    return sorted(p.name for p in state_dir.iterdir()), [row["name"] for row in doc["vms"]]
+
+
+async def test_state_file_is_replaced_whole_and_leaves_no_temp_files(tmp_path: Path) -> None:
+    driver = FakeDriver(tmp_path)
+    for i in range(3):
+        await driver.define(new_vm(f"vm-{i}", f"id-{i}"))
+    await driver.destroy("vm-1")
+    files, names = _on_disk(tmp_path)
+    assert files == [STATE_FILE]
+    assert names == ["vm-0", "vm-2"]
+
+
+async def test_corrupt_state_file_is_a_driver_error(tmp_path: Path) -> None:
+    (tmp_path / STATE_FILE).write_text('{"version": 1, "vms": [{"name": "x"}]}')
+    with pytest.raises(DriverError, match="corrupt state file"):
+        FakeDriver(tmp_path)
+
+
+async def test_start_is_idempotent_and_stop_clears_started_at(tmp_path: Path) -> None:
+    driver = FakeDriver(tmp_path)
+    await driver.define(new_vm())
+    first = await driver.start("web-1")
+    again = await driver.start("web-1")
+    assert again.started_at == first.started_at
+    stopped = await driver.stop("web-1")
+    assert (stopped.state, stopped.started_at) == ("stopped", None)
+    assert (await FakeDriver(tmp_path).recover())[0].state == "stopped"
+
+
+async def test_start_takes_start_delay_during_which_vm_is_still_stopped(tmp_path: Path) -> None:
+    driver = FakeDriver(tmp_path, start_delay_s=0.05)
+    await driver.define(new_vm())
+    starting = asyncio.create_task(driver.start("web-1"))
+    await asyncio.sleep(0.01)
+    during = await driver.inspect("web-1")
+    assert during is not None and during.state == "stopped"
+    assert (await starting).state == "running"
+
+
+async def test_injected_start_failure_matches_a_glob(tmp_path: Path) -> None:
+    driver = FakeDriver(tmp_path, fail_start="db-*")
+    await driver.define(new_vm("db-1", "id-db"))
+    await driver.define(new_vm("web-1", "id-web"))
+    with pytest.raises(DriverError) as err:
+        await driver.start("db-1")
+    assert str(err.value) == "fake driver: injected start failure for vm db-1"
+    failed = await driver.inspect("db-1")
+    assert failed is not None and failed.state == "stopped"
+    assert (await driver.start("web-1")).state == "running"
+
+
+async def test_reboot_changes_started_at_and_needs_a_running_vm(tmp_path: Path) -> None:
+    driver = FakeDriver(tmp_path)
+    await driver.define(new_vm())
+    with pytest.raises(DriverError, match="it is stopped"):
+        await driver.reboot("web-1")
+    booted = await driver.start("web-1")
+    rebooted = await driver.reboot("web-1")
+    assert rebooted.state == "running"
+    assert rebooted.started_at is not None and booted.started_at is not None
+    assert rebooted.started_at > booted.started_at
+
+
+async def test_injected_crash_survives_a_restart(tmp_path: Path) -> None:
+    driver = FakeDriver(tmp_path)
+    await driver.define(new_vm())
+    await driver.start("web-1")
+    driver.inject_crash("web-1")
+    [vm] = await FakeDriver(tmp_path).recover()
+    assert vm.state == "crashed"
+
+
+async def test_define_is_idempotent_per_vm_id_and_refuses_a_taken_name(tmp_path: Path) -> None:
+    driver = FakeDriver(tmp_path)
+    await driver.define(new_vm())
+    await driver.start("web-1")
+    again = await driver.define(new_vm())
+    assert again.state == "running"  # defining again does not reset a running VM
+    with pytest.raises(DriverError, match="already defined with id id-1"):
+        await driver.define(new_vm(vm_id="id-2"))
+
+
+async def test_update_stores_intent_but_not_runtime_state(tmp_path: Path) -> None:
+    driver = FakeDriver(tmp_path)
+    await driver.define(new_vm())
+    running = await driver.start("web-1")
+    wish = DriverVm(
+        name="web-1",
+        vm_id="id-1",
+        epoch=2,
+        spec=VmSpec(memory_mib=1024),
+        state="stopped",
+        applied_generation=3,
+    )
+    updated = await driver.update("web-1", wish)
+    assert (updated.state, updated.started_at) == ("running", running.started_at)
+    assert (updated.epoch, updated.spec.memory_mib, updated.applied_generation) == (2, 1024, 3)
+
+
+async def test_destroy_is_idempotent_and_unknown_vms_are_errors(tmp_path: Path) -> None:
+    driver = FakeDriver(tmp_path)
+    await driver.define(new_vm())
+    await driver.destroy("web-1")
+    await driver.destroy("web-1")
+    assert await driver.inspect("web-1") is None
+    assert await FakeDriver(tmp_path).list() == []
+    with pytest.raises(DriverError, match="vm web-1 is not defined on this host"):
+        await driver.start("web-1")
+
+
+async def test_fingerprint_names_the_fake_hypervisor(tmp_path: Path) -> None:
+    assert await FakeDriver(tmp_path).fingerprint() == {
+        "hypervisor": "fake",
+        "version": __version__,
+    }
+
+
+def test_make_driver_builds_the_named_driver(tmp_path: Path) -> None:
+    driver = make_driver("fake", tmp_path, start_delay_s=0.5)
+    assert isinstance(driver, FakeDriver)
+    assert driver.name == "fake" and driver.start_delay_s == 0.5
+    assert list(DRIVERS) == ["fake"]
+
+
+def test_make_driver_rejects_an_unknown_name_listing_known_ones(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"^unknown driver 'kvm': choose one of fake$"):
+        make_driver("kvm", tmp_path)
