@@ -36,8 +36,8 @@ integration: deps venv
 	$(VENV)/bin/pytest -q tests/integration
 
 bench: deps venv
-	$(PY) bench/store_commit.py
-	$(PY) bench/api_create.py
+	$(PY) -m bench.store_commit
+	$(PY) -m bench.api_create
 
 clean:
 	rm -rf $(VENV) .corral .mypy_cache .ruff_cache .pytest_cache

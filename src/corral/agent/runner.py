@@ -45,6 +45,7 @@ _OBSERVED: dict[str, ObservedState] = {
     # The observation vocabulary has no "paused"; the message says it.
     "paused": "stopped",
 }
+_SETTLE_S = 0.02
 PENDING_HARDWARE_MESSAGE = "hardware changes take effect at the next start"
 
 
@@ -343,6 +344,9 @@ class NodeAgent:
                     await self._wake.wait()
             except TimeoutError:
                 pass
+            # Let a burst of changes (a thousand VMs created at once) settle into one pass:
+            # each pass looks at every VM on the host.
+            await asyncio.sleep(_SETTLE_S)
             self._wake.clear()
             try:
                 await self._pass()

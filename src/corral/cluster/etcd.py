@@ -69,6 +69,7 @@ class EtcdSupervisor:
         self._proc: asyncio.subprocess.Process | None = None
         self._stopping = False
         self._watch_task: asyncio.Task[None] | None = None
+        self._http: httpx.AsyncClient | None = None
 
     @property
     def pid(self) -> int | None:
@@ -128,9 +129,10 @@ class EtcdSupervisor:
         log.info("started etcd member %s (pid %s)", self.config.name, self._proc.pid)
 
     async def _probe(self) -> bool:
+        if self._http is None:
+            self._http = httpx.AsyncClient(timeout=2.0)
         try:
-            async with httpx.AsyncClient(timeout=2.0) as client:
-                resp = await client.get(self.config.client_url + "/health")
+            resp = await self._http.get(self.config.client_url + "/health")
             return resp.status_code == 200 and resp.json().get("health") == "true"
         except (httpx.HTTPError, ValueError):
             return False
@@ -193,6 +195,9 @@ class EtcdSupervisor:
                 await self._watch_task
         proc = self._proc
         self.healthy = False
+        if self._http is not None:
+            await self._http.aclose()
+            self._http = None
         if proc is None or proc.returncode is not None:
             return
         proc.send_signal(signal.SIGTERM)

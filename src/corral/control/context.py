@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TypeVar
 
 from corral.control.informer import Informer
@@ -13,6 +13,8 @@ from corral.state import KV, Delete, Expect, Objects, Put, Store, keys
 from corral.state.codec import decode
 
 __all__ = ["ControlSettings", "LeaderContext"]
+
+_VMS = keys.kind_prefix("vms")
 
 ObjT = TypeVar("ObjT", bound=ObjectMeta)
 
@@ -34,6 +36,11 @@ class LeaderContext:
     informer: Informer
     term: int
     settings: ControlSettings
+    _cache: dict[str, tuple[int, ObjectMeta]] = field(default_factory=dict)
+    # What each placed VM takes, and the sums per node: kept up to date key by key so that a
+    # placement does not walk every VM of the cluster.
+    _taken: dict[str, tuple[str, int, int]] = field(default_factory=dict)
+    _used: dict[str, list[int]] = field(default_factory=dict)
 
     @property
     def fence(self) -> Expect:
@@ -47,11 +54,51 @@ class LeaderContext:
                 self.informer.apply(KV(op.key, op.value, rev, rev, 1, op.lease))
             else:
                 self.informer.apply_delete(op.key)
+            if op.key.startswith(_VMS):
+                self.track(op.key)
         return rev
 
+    def forget(self, key: str) -> None:
+        """Drop the decoded copy of a key that is gone."""
+        self._cache.pop(key, None)
+
+    def track(self, key: str) -> None:
+        """Update the per-node usage after the VM at ``key`` changed (or went)."""
+        old = self._taken.pop(key, None)
+        if old is not None:
+            used = self._used[old[0]]
+            used[0] -= old[1]
+            used[1] -= old[2]
+            used[2] -= 1
+        kv = self.informer.get(key)
+        if kv is None:
+            return
+        vm = self._decoded(Vm, kv)
+        if vm.status.node:
+            self._taken[key] = (vm.status.node, vm.spec.vcpus, vm.spec.memory_mib)
+            used = self._used.setdefault(vm.status.node, [0, 0, 0])
+            used[0] += vm.spec.vcpus
+            used[1] += vm.spec.memory_mib
+            used[2] += 1
+
+    def used(self, node: str) -> tuple[int, int, int]:
+        """vCPUs, MiB and VM count placed on ``node`` (deleting VMs hold them until gone)."""
+        u = self._used.get(node, [0, 0, 0])
+        return u[0], u[1], u[2]
+
+    def _decoded(self, model: type[ObjT], kv: KV) -> ObjT:
+        """The object in ``kv``, decoded once per revision (shared: callers must not mutate)."""
+        hit = self._cache.get(kv.key)
+        if hit is not None and hit[0] == kv.mod_revision:
+            return hit[1]  # type: ignore[return-value]
+        obj = Objects.decode(model, kv)
+        self._cache[kv.key] = (kv.mod_revision, obj)
+        return obj
+
     def _get(self, model: type[ObjT], name: str) -> ObjT | None:
+        """A private copy of one object, free to change and commit."""
         kv = self.informer.get(Objects.key(model, name))
-        return None if kv is None else Objects.decode(model, kv)
+        return None if kv is None else self._decoded(model, kv).model_copy(deep=True)
 
     def vm(self, name: str) -> Vm | None:
         return self._get(Vm, name)
@@ -63,8 +110,9 @@ class LeaderContext:
         return self._get(Task, name)
 
     def all(self, model: type[ObjT]) -> list[ObjT]:
+        """Every object of a kind, read-only (shared with the cache)."""
         prefix = keys.kind_prefix({Vm: "vms", Node: "nodes", Task: "tasks"}[model])
-        return [Objects.decode(model, kv) for kv in self.informer.under(prefix)]
+        return [self._decoded(model, kv) for kv in self.informer.under(prefix)]
 
     def assignment(self, node: str, vm: str) -> tuple[Assignment, KV] | None:
         kv = self.informer.get(keys.assign_key(node, vm))

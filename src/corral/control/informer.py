@@ -24,29 +24,45 @@ class Informer:
         self.store = store
         self.prefix = prefix
         self.revision = 0
-        self._items: dict[str, KV] = {}
+        # Keys grouped by their first segment after the prefix ("vms", "tasks", ...), so a loop
+        # scanning one kind does not walk every task and idempotency record.
+        self._buckets: dict[str, dict[str, KV]] = {}
         self._listeners: list[Callable[[str], None]] = []
         self.synced = asyncio.Event()
 
     def subscribe(self, listener: Callable[[str], None]) -> None:
         self._listeners.append(listener)
 
+    def _bucket(self, key: str) -> dict[str, KV]:
+        name = key[len(self.prefix) :].split("/", 1)[0]
+        bucket = self._buckets.get(name)
+        if bucket is None:
+            bucket = self._buckets[name] = {}
+        return bucket
+
     def get(self, key: str) -> KV | None:
-        return self._items.get(key)
+        return self._bucket(key).get(key)
 
     def under(self, prefix: str) -> Iterator[KV]:
-        for key, kv in list(self._items.items()):
-            if key.startswith(prefix):
-                yield kv
+        whole = prefix == self.prefix
+        buckets = list(self._buckets.values()) if whole else [self._bucket(prefix)]
+        for bucket in buckets:
+            for key, kv in list(bucket.items()):
+                if key.startswith(prefix):
+                    yield kv
+
+    def keys(self) -> list[str]:
+        return [key for bucket in self._buckets.values() for key in bucket]
 
     def apply(self, kv: KV) -> None:
         """Record a value this process just wrote (ignored if the cache already has newer)."""
-        current = self._items.get(kv.key)
+        bucket = self._bucket(kv.key)
+        current = bucket.get(kv.key)
         if current is None or current.mod_revision <= kv.mod_revision:
-            self._items[kv.key] = kv
+            bucket[kv.key] = kv
 
     def apply_delete(self, key: str) -> None:
-        self._items.pop(key, None)
+        self._bucket(key).pop(key, None)
 
     def _notify(self, key: str) -> None:
         for listener in self._listeners:
@@ -54,10 +70,12 @@ class Informer:
 
     async def _relist(self) -> None:
         items, revision = await self.store.list_all(self.prefix)
-        old = self._items
-        self._items = {kv.key: kv for kv in items}
+        old = set(self.keys())
+        self._buckets = {}
+        for kv in items:
+            self._bucket(kv.key)[kv.key] = kv
         self.revision = revision
-        for key in set(old) | set(self._items):
+        for key in old | set(self.keys()):
             self._notify(key)
         self.synced.set()
 
@@ -70,7 +88,7 @@ class Informer:
                     kv = event.kv
                     self.revision = max(self.revision, kv.mod_revision)
                     if event.type == "delete":
-                        self._items.pop(kv.key, None)
+                        self.apply_delete(kv.key)
                     else:
                         self.apply(kv)
                     self._notify(kv.key)

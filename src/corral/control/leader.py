@@ -40,7 +40,10 @@ class LeaderLoops:
         self.informer.subscribe(self._route)
 
     def _route(self, key: str) -> None:
+        if self.informer.get(key) is None:
+            self.ctx.forget(key)
         if key.startswith(_VMS):
+            self.ctx.track(key)
             name = keys.name_from_key(key)
             self.vms.add(name)
             for task_id in self._tasks_by_vm.get(name, set()):

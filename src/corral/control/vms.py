@@ -17,20 +17,13 @@ UNPLACED_RETRY_S = 10.0
 
 
 def cluster_snapshot(ctx: LeaderContext) -> Snapshot:
-    """Nodes with what the VMs placed on them use (deleting VMs hold resources until gone)."""
-    used: dict[str, list[int]] = {}
-    for vm in ctx.all(Vm):
-        if vm.status.node:
-            u = used.setdefault(vm.status.node, [0, 0, 0])
-            u[0] += vm.spec.vcpus
-            u[1] += vm.spec.memory_mib
-            u[2] += 1
+    """Every node with what the VMs placed on it take."""
     views = []
     for node in ctx.all(Node):
         inv = node.status.inventory
         if inv is None:
             continue
-        u = used.get(node.name, [0, 0, 0])
+        vcpus, memory_mib, count = ctx.used(node.name)
         views.append(
             NodeView(
                 name=node.name,
@@ -38,9 +31,9 @@ def cluster_snapshot(ctx: LeaderContext) -> Snapshot:
                 roles=tuple(node.spec.roles),
                 cpus=inv.cpus,
                 memory_mib=inv.memory_mib,
-                used_vcpus=u[0],
-                used_memory_mib=u[1],
-                vms=u[2],
+                used_vcpus=vcpus,
+                used_memory_mib=memory_mib,
+                vms=count,
                 labels=dict(node.spec.labels),
             )
         )

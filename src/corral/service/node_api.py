@@ -124,14 +124,17 @@ class LocalNodeService:
         while True:
             try:
                 items, revision = await store.list_all(prefix)
-                current = {kv.key: kv for kv in items}
-                yield self._decode_all(current)
+                current: dict[str, Assignment] = {}
+                for kv in items:
+                    self._apply(current, kv)
+                yield dict(current)
                 async for event in store.watch(prefix, revision):
+                    vm = keys.name_from_key(event.kv.key)
                     if event.type == "delete":
-                        current.pop(event.kv.key, None)
+                        current.pop(vm, None)
                     else:
-                        current[event.kv.key] = event.kv
-                    yield self._decode_all(current)
+                        self._apply(current, event.kv)
+                    yield dict(current)
             except Compacted:
                 continue
             except CorralError as exc:
@@ -139,16 +142,15 @@ class LocalNodeService:
                 await asyncio.sleep(1.0)
 
     @staticmethod
-    def _decode_all(kvs: dict[str, KV]) -> dict[str, Assignment]:
-        out: dict[str, Assignment] = {}
-        for key, kv in kvs.items():
-            try:
-                a = decode("assignment", kv.value, Assignment)
-            except CodecError as exc:
-                log.error("unreadable assignment %s: %s", key, exc)
-                continue
-            out[a.vm] = a
-        return out
+    def _apply(current: dict[str, Assignment], kv: KV) -> None:
+        """Decode one changed assignment into ``current`` (only the changed key is decoded)."""
+        try:
+            a = decode("assignment", kv.value, Assignment)
+        except CodecError as exc:
+            log.error("unreadable assignment %s: %s", kv.key, exc)
+            current.pop(keys.name_from_key(kv.key), None)
+            return
+        current[a.vm] = a
 
     async def report(self, node: str, observations: list[VmObservation]) -> None:
         for obs in observations:

@@ -12,7 +12,7 @@ import pytest
 from corral import __version__
 from corral.agent.drivers import DRIVERS, FakeDriver, make_driver
 from corral.agent.drivers.base import DriverVm
-from corral.agent.drivers.fake import STATE_FILE
+from corral.agent.drivers.fake import HANDLE_DIR
 from corral.errors import DriverError
 from corral.model import VmSpec
 
@@ -38,26 +38,86 @@ async def test_restarted_driver_recovers_running_vm_with_same_started_at(
     assert recovered.spec == VmSpec()
 
 
-def _on_disk(state_dir: Path) -> tuple[list[str], list[str]]:
-    """The files in ``state_dir`` and the VM names in the state file."""
-    doc = json.loads((state_dir / STATE_FILE).read_text())
-    return sorted(p.name for p in state_dir.iterdir()), [row["name"] for row in doc["vms"]]
+def _names(directory: Path) -> list[str]:
+    return sorted(p.name for p in directory.iterdir())
 
 
-async def test_state_file_is_replaced_whole_and_leaves_no_temp_files(tmp_path: Path) -> None:
+def _on_disk(state_dir: Path) -> dict[str, dict[str, object]]:
+    """Every file in the handle directory (temporary ones included), parsed as JSON."""
+    return {p.name: json.loads(p.read_text()) for p in sorted((state_dir / HANDLE_DIR).iterdir())}
+
+
+async def test_each_vm_has_its_own_handle_file_and_no_temp_files_are_left(
+    tmp_path: Path,
+) -> None:
+    driver = FakeDriver(tmp_path)
+    for i in range(3):
+        await driver.define(new_vm(f"vm-{i}", f"id-{i}"))
+    await driver.start("vm-2")
+    assert _names(tmp_path) == [HANDLE_DIR]
+    files = _on_disk(tmp_path)
+    assert list(files) == ["vm-0.json", "vm-1.json", "vm-2.json"]
+    for name, row in files.items():
+        assert row["version"] == 1
+        assert f"{row['name']}.json" == name
+    assert (files["vm-0.json"]["vm_id"], files["vm-0.json"]["state"]) == ("id-0", "stopped")
+    assert files["vm-2.json"]["state"] == "running"
+
+
+async def test_destroy_removes_only_that_vms_handle_file(tmp_path: Path) -> None:
     driver = FakeDriver(tmp_path)
     for i in range(3):
         await driver.define(new_vm(f"vm-{i}", f"id-{i}"))
     await driver.destroy("vm-1")
-    files, names = _on_disk(tmp_path)
-    assert files == [STATE_FILE]
-    assert names == ["vm-0", "vm-2"]
+    assert list(_on_disk(tmp_path)) == ["vm-0.json", "vm-2.json"]
+    assert [vm.name for vm in await FakeDriver(tmp_path).recover()] == ["vm-0", "vm-2"]
 
 
-async def test_corrupt_state_file_is_a_driver_error(tmp_path: Path) -> None:
-    (tmp_path / STATE_FILE).write_text('{"version": 1, "vms": [{"name": "x"}]}')
-    with pytest.raises(DriverError, match="corrupt state file"):
+async def test_leftover_temp_files_are_ignored_on_load(tmp_path: Path) -> None:
+    await FakeDriver(tmp_path).define(new_vm())
+    (tmp_path / HANDLE_DIR / ".web-2.json.abc123.tmp").write_text('{"torn": ')
+    assert [vm.name for vm in await FakeDriver(tmp_path).recover()] == ["web-1"]
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        '{"version": 1, "name": "bad"}',  # a row missing its fields
+        '{"version": 1, "na',  # torn JSON
+        "[]",  # not an object
+        "",  # empty
+    ],
+)
+async def test_corrupt_handle_file_is_a_driver_error_naming_it(
+    tmp_path: Path, content: str
+) -> None:
+    await FakeDriver(tmp_path).define(new_vm())
+    bad = tmp_path / HANDLE_DIR / "bad.json"
+    bad.write_text(content)
+    with pytest.raises(DriverError, match="corrupt handle file") as err:
         FakeDriver(tmp_path)
+    assert str(bad) in str(err.value)
+
+
+async def test_wrong_version_or_misnamed_handle_file_is_a_driver_error(tmp_path: Path) -> None:
+    await FakeDriver(tmp_path).define(new_vm())
+    handle = tmp_path / HANDLE_DIR / "web-1.json"
+    row = json.loads(handle.read_text())
+    handle.write_text(json.dumps({**row, "version": 2}))
+    with pytest.raises(DriverError, match=r"web-1\.json: unsupported format version 2"):
+        FakeDriver(tmp_path)
+    handle.unlink()
+    (tmp_path / HANDLE_DIR / "web-9.json").write_text(json.dumps(row))
+    with pytest.raises(DriverError, match=r"web-9\.json: it holds vm 'web-1'"):
+        FakeDriver(tmp_path)
+
+
+async def test_a_name_that_is_no_file_name_is_refused(tmp_path: Path) -> None:
+    driver = FakeDriver(tmp_path)
+    with pytest.raises(DriverError, match="cannot name a handle file"):
+        await driver.define(new_vm("../escape"))
+    assert await driver.list() == []
+    assert not (tmp_path / "escape.json").exists()
 
 
 async def test_start_is_idempotent_and_stop_clears_started_at(tmp_path: Path) -> None:

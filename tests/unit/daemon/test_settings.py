@@ -54,3 +54,13 @@ def test_unknown_config_keys_are_refused(tmp_path: Path) -> None:
 def test_labels_parse() -> None:
     s = load_settings({"name": "n1", "labels": "zone=a,rack=r1"}, env={})
     assert s.label_dict() == {"zone": "a", "rack": "r1"}
+
+
+def test_readme_documents_every_setting() -> None:
+    import dataclasses
+
+    from corral.daemon.settings import AgentSettings
+
+    readme = (Path(__file__).resolve().parents[3] / "README.md").read_text()
+    for f in dataclasses.fields(AgentSettings):
+        assert f"`CORRAL_{f.name.upper()}`" in readme, f"README lacks CORRAL_{f.name.upper()}"

@@ -1,10 +1,16 @@
 """The ``fake`` driver: an in-memory hypervisor whose VM table survives agent restarts.
 
 It is for logic tests and for simulating many hosts in one process. Nothing is booted: a VM is
-a row in a table. The table is written to ``<state_dir>/fake-vms.json`` after every change
-(atomically: a temporary file in the same directory, fsync, then ``os.replace``), so a new
-``FakeDriver`` over the same directory models an agent restart: ``recover()`` returns the same
-VMs, still running, with the same ``started_at`` (running VMs are re-attached, never restarted).
+a row in a table. Like a real hypervisor's per-VM handle, each VM is persisted as its own file,
+``<state_dir>/vms/<name>.json``, rewritten after every change to that VM and removed by
+``destroy``, so an operation costs O(1) however many VMs the host has. A file is written
+atomically (a temporary file in the same directory, then ``os.replace``), so a reader, or a
+driver restarted after the agent process died, sees the old file or the new one, never a torn
+one. There is deliberately no fsync: this is a simulator, and surviving a process crash is what
+it models; a machine crash may lose recent changes (or leave a file corrupt, which ``_load``
+reports as a DriverError naming it). A new ``FakeDriver`` over the same directory models an
+agent restart: ``recover()`` returns the same VMs, still running, with the same ``started_at``
+(running VMs are re-attached, never restarted).
 
 Timings and failures are injectable: ``start_delay_s`` / ``stop_delay_s`` make start and
 graceful stop take time, ``fail_start`` is an fnmatch glob of VM names whose start fails, and
@@ -31,16 +37,21 @@ from corral.agent.drivers.base import DriverVm, RuntimeState
 from corral.errors import DriverError
 from corral.model import VmSpec
 
-__all__ = ["STATE_FILE", "FakeDriver"]
+__all__ = ["HANDLE_DIR", "FakeDriver"]
 
-STATE_FILE = "fake-vms.json"
+HANDLE_DIR = "vms"
+"""The subdirectory of ``state_dir`` holding one ``<name>.json`` handle file per VM."""
 _FORMAT_VERSION = 1
+_HANDLE_SUFFIX = ".json"
 _RUNTIME_STATES: frozenset[str] = frozenset(get_args(RuntimeState))
 
 
 def _copy(vm: DriverVm) -> DriverVm:
     """A copy that shares nothing mutable with ``vm`` (callers must not edit the table)."""
-    return replace(vm, spec=vm.spec.model_copy(deep=True), extra=dict(vm.extra))
+    # A spec holds only scalars and the labels dict: copying that dict is a deep copy, and far
+    # cheaper than pydantic's generic deepcopy when a host lists thousands of VMs.
+    spec = vm.spec.model_copy(update={"labels": dict(vm.spec.labels)})
+    return replace(vm, spec=spec, extra=dict(vm.extra))
 
 
 def _to_json(vm: DriverVm) -> dict[str, Any]:
@@ -82,7 +93,7 @@ class FakeDriver:
     """An in-memory hypervisor with a persisted VM table (see the module docstring).
 
     Every method raises ``DriverError`` for a VM that is not defined (except ``destroy`` and
-    ``inspect``, which are idempotent) and when the state file cannot be read or written.
+    ``inspect``, which are idempotent) and when a handle file cannot be read or written.
     """
 
     name: str = "fake"
@@ -95,53 +106,77 @@ class FakeDriver:
         stop_delay_s: float = 0.0,
         fail_start: str = "",
     ) -> None:
-        """Open (or create) the VM table in ``state_dir``; raises DriverError if it is corrupt."""
+        """Open (or create) the VM table in ``state_dir``; raises DriverError naming the handle
+        file that is corrupt or of an unknown format version."""
         self.state_dir = Path(state_dir)
         self.start_delay_s = start_delay_s
         self.stop_delay_s = stop_delay_s
         # Mutable so a test can make a VM's start fail and later succeed.
         self.fail_start = fail_start
-        self._path = self.state_dir / STATE_FILE
+        self._dir = self.state_dir / HANDLE_DIR
         self._vms: dict[str, DriverVm] = self._load()
 
     # -- persistence ------------------------------------------------------------------------
 
+    def _handle(self, name: str) -> Path:
+        """The handle file of VM ``name``; raises DriverError for a name that is no file name."""
+        if not name or name.startswith(".") or any(c in name for c in "/\\\0"):
+            raise DriverError(f"fake driver: vm name {name!r} cannot name a handle file")
+        return self._dir / f"{name}{_HANDLE_SUFFIX}"
+
     def _load(self) -> dict[str, DriverVm]:
+        """Read every handle file; temporary files (dot-prefixed, ``.tmp``) are ignored."""
         try:
-            raw = self._path.read_text(encoding="utf-8")
+            paths = sorted(p for p in self._dir.iterdir() if p.name.endswith(_HANDLE_SUFFIX))
         except FileNotFoundError:
             return {}
         except OSError as exc:
-            raise DriverError(f"fake driver: cannot read {self._path}: {exc}") from exc
-        try:
-            doc = json.loads(raw)
-            if doc.get("version") != _FORMAT_VERSION:
-                raise ValueError(f"unsupported format version {doc.get('version')!r}")
-            vms = [_from_json(row) for row in doc["vms"]]
-        except (KeyError, TypeError, ValueError, AttributeError, ValidationError) as exc:
-            raise DriverError(f"fake driver: corrupt state file {self._path}: {exc}") from exc
-        return {vm.name: vm for vm in vms}
+            raise DriverError(f"fake driver: cannot list {self._dir}: {exc}") from exc
+        vms: dict[str, DriverVm] = {}
+        for path in paths:
+            if path.name.startswith("."):
+                continue
+            try:
+                raw = path.read_text(encoding="utf-8")
+            except FileNotFoundError:
+                continue  # destroyed by someone else since we listed the directory
+            except OSError as exc:
+                raise DriverError(f"fake driver: cannot read {path}: {exc}") from exc
+            try:
+                row = json.loads(raw)
+                if row.get("version") != _FORMAT_VERSION:
+                    raise ValueError(f"unsupported format version {row.get('version')!r}")
+                vm = _from_json(row)
+                if path.name != f"{vm.name}{_HANDLE_SUFFIX}":
+                    raise ValueError(f"it holds vm {vm.name!r}")
+            except (KeyError, TypeError, ValueError, AttributeError, ValidationError) as exc:
+                raise DriverError(f"fake driver: corrupt handle file {path}: {exc}") from exc
+            vms[vm.name] = vm
+        return vms
 
-    def _save(self) -> None:
-        """Write the whole table atomically: readers see the old file or the new one."""
-        doc = {
-            "version": _FORMAT_VERSION,
-            "vms": [_to_json(vm) for vm in sorted(self._vms.values(), key=lambda v: v.name)],
-        }
+    def _save(self, vm: DriverVm) -> None:
+        """Write ``vm``'s handle file atomically: readers see the old file or the new one."""
+        path = self._handle(vm.name)
+        doc = {"version": _FORMAT_VERSION, **_to_json(vm)}
         try:
-            self.state_dir.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=".fake-vms.", suffix=".tmp", dir=self.state_dir)
+            self._dir.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=self._dir)
             try:
                 with os.fdopen(fd, "w", encoding="utf-8") as fh:
                     json.dump(doc, fh, indent=1, sort_keys=True)
-                    fh.flush()
-                    os.fsync(fh.fileno())
-                os.replace(tmp, self._path)
+                os.replace(tmp, path)
             except BaseException:
                 Path(tmp).unlink(missing_ok=True)
                 raise
         except OSError as exc:
-            raise DriverError(f"fake driver: cannot write {self._path}: {exc}") from exc
+            raise DriverError(f"fake driver: cannot write {path}: {exc}") from exc
+
+    def _remove(self, name: str) -> None:
+        path = self._handle(name)
+        try:
+            path.unlink(missing_ok=True)
+        except OSError as exc:
+            raise DriverError(f"fake driver: cannot remove {path}: {exc}") from exc
 
     def _get(self, name: str) -> DriverVm:
         vm = self._vms.get(name)
@@ -150,8 +185,9 @@ class FakeDriver:
         return vm
 
     def _set(self, vm: DriverVm) -> DriverVm:
+        """Persist ``vm``, then put it in the table (a failed write leaves both unchanged)."""
+        self._save(vm)
         self._vms[vm.name] = vm
-        self._save()
         return _copy(vm)
 
     @staticmethod
@@ -243,8 +279,9 @@ class FakeDriver:
 
     async def destroy(self, name: str) -> None:
         """Remove the VM (stopping it first is implied). Idempotent."""
-        if self._vms.pop(name, None) is not None:
-            self._save()
+        if name in self._vms:
+            self._remove(name)
+            del self._vms[name]
 
     async def inspect(self, name: str) -> DriverVm | None:
         """A copy of the VM, or None when it is not defined here."""
