@@ -1,8 +1,9 @@
 from __future__ import annotations
 
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -18,10 +19,21 @@ def _need_etcd() -> None:
 
 
 @pytest.fixture
-def agent(tmp_path: Path) -> Iterator[AgentProcess]:
-    a = AgentProcess(tmp_path / "n1").start()
-    yield a
-    a.stop()
+def make_agent(tmp_path: Path) -> Iterator[Callable[..., AgentProcess]]:
+    """Build agents (not started) that are stopped at teardown even when the test fails."""
+    made: list[AgentProcess] = []
+
+    def make(name: str = "n1", **kw: Any) -> AgentProcess:
+        a = AgentProcess(tmp_path / name, name=name, **kw)
+        made.append(a)
+        return a
+
+    yield make
+    for a in made:
+        try:
+            a.stop()
+        except AssertionError:
+            a.kill()
 
 
 @pytest.fixture(scope="module")

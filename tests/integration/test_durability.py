@@ -8,6 +8,7 @@ import subprocess
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,8 @@ import httpx
 import pytest
 
 from tests.integration.harness import AgentProcess, free_port
+
+MakeAgent = Callable[..., AgentProcess]
 
 pytestmark = pytest.mark.integration
 
@@ -43,8 +46,8 @@ def _all(c: httpx.Client, kind: str) -> list[dict[str, Any]]:
             return items
 
 
-def test_sigkill_during_100_concurrent_creates_loses_nothing(tmp_path: Path) -> None:
-    agent = AgentProcess(tmp_path / "n1").start()
+def test_sigkill_during_100_concurrent_creates_loses_nothing(make_agent: MakeAgent) -> None:
+    agent = make_agent().start()
     keys = {f"crash-{i:03d}": str(uuid.uuid4()) for i in range(100)}
     acked: dict[str, str] = {}
     lock = threading.Lock()
@@ -107,8 +110,8 @@ def test_sigkill_during_100_concurrent_creates_loses_nothing(tmp_path: Path) -> 
     assert agent.stop() == 0
 
 
-def test_restart_reattaches_running_vms_and_keeps_state(tmp_path: Path) -> None:
-    agent = AgentProcess(tmp_path / "n1").start()
+def test_restart_reattaches_running_vms_and_keeps_state(make_agent: MakeAgent) -> None:
+    agent = make_agent().start()
     with agent.client() as c:
         r = c.post(
             "/api/v1/vms", params={"wait": "true"}, json={"name": "keep-1", "memory_mib": 64}
@@ -137,8 +140,8 @@ def test_restart_reattaches_running_vms_and_keeps_state(tmp_path: Path) -> None:
     agent.stop()
 
 
-def test_etcd_death_is_survived(tmp_path: Path) -> None:
-    agent = AgentProcess(tmp_path / "n1").start()
+def test_etcd_death_is_survived(make_agent: MakeAgent) -> None:
+    agent = make_agent().start()
     assert agent.proc is not None
     etcd_pid = int(
         subprocess.run(
@@ -170,7 +173,7 @@ def test_etcd_death_is_survived(tmp_path: Path) -> None:
     assert agent.stop() == 0
 
 
-def test_external_etcd(tmp_path: Path) -> None:
+def test_external_etcd(tmp_path: Path, make_agent: MakeAgent) -> None:
     client_port, peer_port = free_port(), free_port()
     etcd = subprocess.Popen(
         [
@@ -194,8 +197,8 @@ def test_external_etcd(tmp_path: Path) -> None:
         stderr=subprocess.DEVNULL,
     )
     try:
-        agent = AgentProcess(
-            tmp_path / "n1", extra_args=["--etcd-endpoints", f"http://127.0.0.1:{client_port}"]
+        agent = make_agent(
+            extra_args=["--etcd-endpoints", f"http://127.0.0.1:{client_port}"]
         ).start()
         with agent.client() as c:
             r = c.post("/api/v1/vms", params={"wait": "true"}, json={"name": "ext-1"})
