@@ -4,7 +4,7 @@ VENV  := .venv
 PY    := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint unit integration bench deps venv clean
+.PHONY: run test lint unit integration bench deps venv clean cluster cluster-stop proto
 
 deps:
 	@bash scripts/host-deps.sh
@@ -19,6 +19,17 @@ venv: $(STAMP)
 
 run: deps venv
 	@bash scripts/run.sh
+
+# A 3-server + 1 compute-host cluster on 127.0.0.1-.4 (data in ./.cluster).
+cluster: deps venv
+	@bash scripts/cluster.sh start
+
+cluster-stop:
+	@bash scripts/cluster.sh stop
+
+# Regenerate the gRPC code in src/corral/v1 from proto/ (the generated files are committed).
+proto: venv
+	@PYTHON=$(PY) bash scripts/gen-proto.sh
 
 lint: venv
 	$(VENV)/bin/ruff check src tests bench
@@ -40,4 +51,4 @@ bench: deps venv
 	$(PY) -m bench.api_create
 
 clean:
-	rm -rf $(VENV) .corral .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) .corral .cluster .mypy_cache .ruff_cache .pytest_cache

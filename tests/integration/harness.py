@@ -39,6 +39,9 @@ class AgentProcess:
         self.http_port = self.http_port or free_port(self.bind)
         self.etcd_client_port = free_port(self.bind)
         self.etcd_peer_port = free_port(self.bind)
+        self.grpc_port = free_port(self.bind)
+        self.gossip_port = free_port(self.bind)
+        self.gossip_rpc_port = free_port("127.0.0.1")
 
     @property
     def url(self) -> str:
@@ -66,11 +69,21 @@ class AgentProcess:
             str(self.etcd_client_port),
             "--etcd-peer-port",
             str(self.etcd_peer_port),
+            "--grpc-port",
+            str(self.grpc_port),
+            "--gossip-port",
+            str(self.gossip_port),
+            "--gossip-rpc-port",
+            str(self.gossip_rpc_port),
             *self.extra_args,
         ]
         if bootstrap:
             cmd.append("--bootstrap")
         return cmd
+
+    def join_args(self, token: str) -> list[str]:
+        """Arguments for another agent to join the cluster through this one."""
+        return ["--join", self.url, "--token", token]
 
     def start(self, *, bootstrap: bool = True, timeout_s: float = 60.0) -> AgentProcess:
         self.data_dir.mkdir(parents=True, exist_ok=True)

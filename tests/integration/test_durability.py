@@ -164,7 +164,7 @@ def test_etcd_death_is_survived(make_agent: MakeAgent) -> None:
     assert problem["type"].endswith("/unavailable")
     assert any("etcd" in reason or "store" in reason for reason in problem["reasons"])
     agent.wait_ready(60)
-    with agent.client() as c:
+    with agent.client(timeout=90) as c:
         r = c.post(
             "/api/v1/vms", params={"wait": "true"}, json={"name": "after-1", "memory_mib": 64}
         )

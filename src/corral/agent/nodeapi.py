@@ -30,8 +30,9 @@ class NodeService(Protocol):
     async def open_liveness(self, node: str, ttl_s: int) -> int:
         """Grant a lease, attach the node's liveness key to it, return the lease id."""
 
-    async def keepalive(self, lease_id: int) -> int:
-        """Refresh the liveness lease; returns the remaining TTL, 0 if it already expired."""
+    async def keepalive(self, node: str, lease_id: int) -> int:
+        """Refresh the node's liveness lease (and its heartbeat time); returns the remaining TTL,
+        0 if it already expired. Idempotent."""
 
     async def close_liveness(self, node: str, lease_id: int) -> None:
         """Revoke the lease on a clean shutdown (the node turns not-ready at once)."""

@@ -260,7 +260,7 @@ class NodeAgent:
                         self._lease_ttl_s,
                     )
                 await asyncio.sleep(self._keepalive_s)
-                remaining = await self._ns.keepalive(self._lease_id)
+                remaining = await self._ns.keepalive(self.node_name, self._lease_id)
                 if remaining <= 0:
                     log.warning(
                         "node %s: liveness lease %x expired; opening a new one",

@@ -23,6 +23,7 @@ from corral.cli.cluster import cluster_app, node_app
 from corral.cli.context import DEFAULT_ADDR, CliConfig, CliState, OutputFormat
 from corral.cli.render import report_error
 from corral.cli.task import task_app
+from corral.cli.token import token_app
 from corral.cli.vm import vm_app
 from corral.client import CorralError
 
@@ -86,6 +87,7 @@ app.add_typer(cluster_app, name="cluster")
 app.add_typer(node_app, name="node")
 app.add_typer(vm_app, name="vm")
 app.add_typer(task_app, name="task")
+app.add_typer(token_app, name="token")
 
 
 def main() -> None:

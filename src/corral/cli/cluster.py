@@ -104,7 +104,9 @@ def node_ls(
         typer.echo("no nodes found", err=True)
         return
     now = state.now()
-    table = new_table("NAME", "STATE", "ROLES", "CPUS", "MEMORY", "DISK FREE", "VMS", "HEARTBEAT")
+    table = new_table(
+        "NAME", "STATE", "ROLES", "GOSSIP", "CPUS", "MEMORY", "DISK FREE", "VMS", "HEARTBEAT"
+    )
     for node in items:
         inventory = dig(node, "status", "inventory") or {}
         allocated = dig(node, "status", "allocated") or {}
@@ -113,6 +115,7 @@ def node_ls(
             cell(node.get("name")),
             state_cell(dig(node, "status", "state")),
             cell(fmt_list(dig(node, "spec", "roles"))),
+            state_cell(dig(node, "status", "gossip")),
             cell(_used_of(allocated.get("vcpus"), inventory.get("cpus"))),
             cell(_used_of(allocated.get("memory_mib"), inventory.get("memory_mib"), fmt_mib)),
             cell(_used_of(inventory.get("disk_free_gib"), inventory.get("disk_gib"), fmt_gib)),
@@ -130,7 +133,10 @@ def _node_rows(node: ApiObject, now: datetime) -> list[tuple[str, Text]]:
         ("ID", cell(node.get("id"))),
         ("State", state_cell(dig(node, "status", "state"))),
         ("Message", cell(dig(node, "status", "message"))),
+        ("Gossip", cell(dig(node, "status", "gossip"))),
         ("Address", cell(dig(node, "status", "address"))),
+        ("gRPC", cell(dig(node, "status", "grpc_address") or None)),
+        ("etcd peer", cell(dig(node, "status", "etcd_peer_url") or None)),
         ("Roles", cell(fmt_list(dig(node, "spec", "roles")))),
         ("Labels", cell(fmt_labels(dig(node, "spec", "labels")))),
         ("Driver", cell(dig(node, "status", "driver"))),

@@ -265,6 +265,32 @@ class CorralClient:
 
     # -- nodes -------------------------------------------------------------------------------
 
+    def configure_cluster(self, patch: Mapping[str, object]) -> ApiObject:
+        """Merge-patch the cluster config (desired_voters, server_dead_grace_s)."""
+        return self._object(self._send("PATCH", f"{_API}/cluster", body=dict(patch)))
+
+    def create_token(
+        self,
+        *,
+        ttl_s: int = 3600,
+        uses: int | None = None,
+        role: str = "server",
+        description: str = "",
+    ) -> ApiObject:
+        """A new join token; its `secret` field is shown only in this answer."""
+        body = {"ttl_s": ttl_s, "uses": uses, "role": role, "description": description}
+        return self._object(self._send("POST", f"{_API}/tokens", body=body))
+
+    def list_tokens(self) -> Page:
+        return self._page(f"{_API}/tokens", {})
+
+    def revoke_token(self, token_id: str) -> ApiObject:
+        return self._object(self._send("POST", f"{_API}/tokens/{_seg(token_id)}/revoke"))
+
+    def remove_node(self, name: str) -> ApiObject:
+        """Retire a host that no longer runs (its etcd member is removed by the leader)."""
+        return self._object(self._send("DELETE", f"{_API}/nodes/{_seg(name)}"))
+
     def list_nodes(
         self,
         *,

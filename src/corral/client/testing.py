@@ -144,6 +144,7 @@ class FakeCorralApi:
             "address": f"http://127.0.0.{len(self.nodes) + 1}:8700",
             "driver": "fake",
             "heartbeat_at": self._stamp(),
+            "gossip": "alive",
             "message": "",
             "inventory": {
                 "cpus": cpus,

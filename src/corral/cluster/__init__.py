@@ -1,6 +1,18 @@
-"""Cluster membership: the supervised etcd member and leader election."""
+"""Cluster membership: the supervised etcd member, leader election and Serf gossip."""
 
 from corral.cluster.election import LeaderElection, read_leader
 from corral.cluster.etcd import EtcdConfig, EtcdSupervisor
+from corral.cluster.serf import SerfAgent, generate_key
+from corral.cluster.serf_rpc import Member, SerfClient, SerfError
 
-__all__ = ["EtcdConfig", "EtcdSupervisor", "LeaderElection", "read_leader"]
+__all__ = [
+    "EtcdConfig",
+    "EtcdSupervisor",
+    "LeaderElection",
+    "Member",
+    "SerfAgent",
+    "SerfClient",
+    "SerfError",
+    "generate_key",
+    "read_leader",
+]

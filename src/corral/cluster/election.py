@@ -128,7 +128,8 @@ class LeaderElection:
                     with contextlib.suppress(asyncio.CancelledError, Exception):
                         await t
                 term, self.term = self.term, 0
-                log.warning("stepped down as leader (term %d)", term)
+                if term:
+                    log.warning("stepped down as leader (term %d)", term)
                 if loops_ended:
                     # The loops failed: let another server try. (If the lease merely could
                     # not be renewed, keep it: the term may be resumed when the store is back.)

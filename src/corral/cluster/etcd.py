@@ -40,6 +40,8 @@ class EtcdConfig:
     client_port: int
     peer_port: int
     binary: str = "etcd"
+    # Set when this member joins an existing cluster: "n1=http://..,n2=http://.." with itself.
+    initial_cluster: str = ""
 
     @property
     def client_url(self) -> str:
@@ -101,16 +103,26 @@ class EtcdSupervisor:
             "--log-outputs",
             "stderr",
         ]
-        if not (c.member_dir / "member").exists():
-            cmd += [
+        if (c.member_dir / "member").exists():
+            return cmd  # the member's own data says which cluster it belongs to
+        if c.initial_cluster:
+            # Joining: the leader already added this member (as a learner).
+            return [
+                *cmd,
                 "--initial-cluster",
-                f"{c.name}={c.peer_url}",
+                c.initial_cluster,
                 "--initial-cluster-state",
-                "new",
-                "--initial-cluster-token",
-                f"corral-{c.name}",
+                "existing",
             ]
-        return cmd
+        return [
+            *cmd,
+            "--initial-cluster",
+            f"{c.name}={c.peer_url}",
+            "--initial-cluster-state",
+            "new",
+            "--initial-cluster-token",
+            f"corral-{c.name}",
+        ]
 
     async def _spawn(self) -> None:
         self.config.member_dir.mkdir(parents=True, exist_ok=True)

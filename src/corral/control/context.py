@@ -28,6 +28,8 @@ class ControlSettings:
     # Tasks that have not ended by then fail with "timed out".
     task_timeout_s: float = 600.0
     resync_s: float = 10.0
+    # False when the user runs etcd (--etcd-endpoints): corral then never changes its members.
+    manage_etcd: bool = True
 
 
 @dataclass

@@ -6,7 +6,9 @@ import asyncio
 import logging
 
 from corral.control.context import ControlSettings, LeaderContext
+from corral.control.gossip import GossipLoop, GossipView
 from corral.control.informer import Informer
+from corral.control.membership import MembershipLoop
 from corral.control.nodes import NodeHealthLoop
 from corral.control.queue import Outcome, WorkQueue
 from corral.control.tasks import TaskLoop
@@ -29,13 +31,25 @@ _ASSIGN = keys.PREFIX + "assign/"
 class LeaderLoops:
     """Routes cache changes to the loops' work queues; exposed for tests and status."""
 
-    def __init__(self, store: Store, term: int, settings: ControlSettings) -> None:
+    def __init__(
+        self,
+        store: Store,
+        term: int,
+        settings: ControlSettings,
+        gossip_view: GossipView | None = None,
+    ) -> None:
         self.informer = Informer(store, keys.PREFIX)
         self.ctx = LeaderContext(store, self.informer, term, settings)
         self.vms = WorkQueue("vm", VmLoop(self.ctx).reconcile)
         self.tasks = WorkQueue("task", TaskLoop(self.ctx).reconcile)
         self.nodes = WorkQueue("node", NodeHealthLoop(self.ctx).reconcile)
         self.expiry = WorkQueue("expiry", self._expire_idempotency)
+        self.membership = WorkQueue("membership", MembershipLoop(self.ctx).reconcile)
+        self.gossip = (
+            WorkQueue("gossip", GossipLoop(self.ctx, gossip_view).reconcile)
+            if gossip_view is not None
+            else None
+        )
         self._tasks_by_vm: dict[str, set[str]] = {}
         self.informer.subscribe(self._route)
 
@@ -97,15 +111,22 @@ class LeaderLoops:
             tg.create_task(self.informer.run(), name="informer")
             await self.informer.synced.wait()
             log.info("leader loops running (term %d)", self.ctx.term)
-            for q in (self.vms, self.tasks, self.nodes, self.expiry):
+            for q in (self.vms, self.tasks, self.nodes, self.expiry, self.membership):
                 tg.create_task(q.run(), name=f"queue-{q.name}")
             self.expiry.add("idempotency")
+            if self.ctx.settings.manage_etcd:
+                self.membership.add("etcd")
+            if self.gossip is not None:
+                tg.create_task(self.gossip.run(), name="queue-gossip")
+                self.gossip.add("serf")
             tg.create_task(self._resync(), name="resync")
 
 
-async def run_leader(store: Store, term: int, settings: ControlSettings) -> None:
+async def run_leader(
+    store: Store, term: int, settings: ControlSettings, gossip_view: GossipView | None = None
+) -> None:
     try:
-        await LeaderLoops(store, term, settings).run()
+        await LeaderLoops(store, term, settings, gossip_view).run()
     except* CorralError as eg:
         log.error("leader loops stopped: %s", eg.exceptions[0])
         raise

@@ -1,5 +1,10 @@
-"""The composition root of ``corral agent``: etcd, the store, the API, the leader loops and
-the node agent in one process, started in order and stopped in reverse on SIGTERM."""
+"""The composition root of ``corral agent``: everything a host runs, in one process.
+
+A server host runs its etcd member, the store, the REST and gRPC APIs, the leader election (and,
+while elected, the leader loops), its Serf agent and its node agent. A compute-only host
+(``--no-server``) runs its Serf agent, its node agent talking to the servers over gRPC, and a
+REST front that forwards to the servers. Started in order; stopped in reverse on SIGTERM.
+"""
 
 from __future__ import annotations
 
@@ -9,22 +14,32 @@ import logging
 import os
 import signal
 from collections.abc import Generator
+from typing import Any
 
 import uvicorn
 
 from corral.agent.drivers import make_driver
 from corral.agent.inventory import collect_inventory
+from corral.agent.nodeapi import NodeService as NodeServiceProtocol
+from corral.agent.remote import RemoteNodeService
 from corral.agent.runner import NodeAgent
+from corral.api.grpc.node import start_grpc_server
 from corral.api.rest.app import ApiServices, create_app
+from corral.api.rest.proxy import create_proxy_app
 from corral.cluster import EtcdConfig, EtcdSupervisor, LeaderElection
+from corral.cluster.serf import SerfAgent, generate_key
+from corral.cluster.serf_rpc import SerfClient
 from corral.control import ControlSettings, run_leader
+from corral.daemon.identity import ClusterIdentity, JoinRefused, request_join
 from corral.daemon.settings import AgentSettings
 from corral.errors import Conflict, CorralError
-from corral.model import ClusterInfo, new_id, utcnow
+from corral.model import ClusterConfig, ClusterInfo, Node, new_id, utcnow
 from corral.service.context import ServiceContext, ServiceSettings
+from corral.service.join import JoinService
 from corral.service.node_api import LocalNodeService
 from corral.service.nodes import ClusterService, NodeService
 from corral.service.tasks import TaskService
+from corral.service.tokens import TokenService
 from corral.service.vms import VmService
 from corral.state import Expect, Put, Store, keys
 from corral.state.codec import encode
@@ -45,60 +60,192 @@ class _ApiServer(uvicorn.Server):
         yield
 
 
+class _SerfView:
+    """The leader's view of gossip: its own Serf agent's member list (reconnects as needed)."""
+
+    def __init__(self, rpc_port: int) -> None:
+        self.rpc_port = rpc_port
+        self._client: SerfClient | None = None
+
+    async def __call__(self) -> dict[str, str]:
+        if self._client is None or self._client.closed:
+            self._client = await SerfClient.connect(f"127.0.0.1:{self.rpc_port}", timeout_s=5.0)
+        try:
+            members = await self._client.members()
+        except CorralError:
+            await self.close()
+            raise
+        return {m.name: m.status for m in members}
+
+    async def close(self) -> None:
+        client, self._client = self._client, None
+        if client is not None:
+            await client.close()
+
+
 class Agent:
     def __init__(self, settings: AgentSettings) -> None:
         self.s = settings
         self.data_dir = settings.data_dir.resolve()
+        self.identity: ClusterIdentity | None = None
         self.etcd: EtcdSupervisor | None = None
         self.store: Store | None = None
+        self.serf: SerfAgent | None = None
         self.node_agent: NodeAgent | None = None
         self.election: LeaderElection | None = None
+        self.remote: RemoteNodeService | None = None
         self._stop = asyncio.Event()
+        self._background: set[asyncio.Task[None]] = set()
 
     def request_stop(self) -> None:
         self._stop.set()
 
-    async def _start_store(self) -> Store:
-        s = self.s
-        endpoints = s.etcd_endpoint_list
-        if not endpoints:
-            cfg = EtcdConfig(
-                name=s.name,
-                data_dir=self.data_dir,
-                bind=s.bind,
-                client_port=s.etcd_client_port,
-                peer_port=s.etcd_peer_port,
-            )
-            fresh = not (cfg.member_dir / "member").exists()
-            if fresh and not s.bootstrap:
-                raise AgentStartError(
-                    f"{self.data_dir} holds no cluster: pass --bootstrap to create one here, "
-                    "or --data-dir to point at an existing one"
-                )
-            self.etcd = EtcdSupervisor(cfg)
-            try:
-                await self.etcd.start()
-            except RuntimeError as exc:
-                raise AgentStartError(str(exc)) from exc
-            endpoints = [cfg.client_url]
-        return Store(endpoints)
+    # -- becoming a member -------------------------------------------------------------------
 
-    async def _ensure_cluster(self, store: Store) -> None:
-        kv = await store.get(keys.CLUSTER)
-        if kv is not None:
-            return
-        if not self.s.bootstrap:
+    async def _identity(self) -> ClusterIdentity:
+        """Who this host is in which cluster: remembered, bootstrapped, or joined now."""
+        s = self.s
+        try:
+            known = ClusterIdentity.load(self.data_dir)
+        except JoinRefused as exc:
+            raise AgentStartError(str(exc)) from exc
+        if known is not None:
+            if s.bootstrap or s.join:
+                log.info(
+                    "%s already belongs to cluster %s; ignoring --bootstrap/--join",
+                    self.data_dir,
+                    known.cluster_id,
+                )
+            return known
+        legacy_member = (self.data_dir / "etcd" / "member").exists()
+        if s.bootstrap or legacy_member or s.etcd_endpoint_list:
+            # Created here (the cluster record is written once etcd runs).
+            return ClusterIdentity(cluster_id="", role="server", gossip_key="")
+        if not s.join:
             raise AgentStartError(
-                "the etcd cluster holds no corral cluster: pass --bootstrap to create one"
+                f"{self.data_dir} holds no cluster: pass --bootstrap to create one here, or "
+                "--join ADDR --token TOKEN to join one (or --data-dir to point at an existing one)"
             )
-        info = ClusterInfo(
-            id=new_id(), name="corral", created_at=utcnow(), bootstrap_node=self.s.name
+        body: dict[str, Any] = {
+            "token": s.token,
+            "name": s.name,
+            "role": s.role,
+            "api_url": s.api_url,
+            "grpc_url": s.grpc_url,
+            "gossip_address": s.gossip_address,
+        }
+        if s.role == "server":
+            body["etcd_peer_url"] = f"http://{s.bind}:{s.etcd_peer_port}"
+            body["etcd_client_url"] = f"http://{s.bind}:{s.etcd_client_port}"
+        try:
+            answer = await request_join(s.join, body)
+        except JoinRefused as exc:
+            raise AgentStartError(str(exc)) from exc
+        identity = ClusterIdentity(
+            cluster_id=answer["cluster_id"],
+            role=s.role,
+            gossip_key=answer["gossip_key"],
+            servers=answer["servers"],
+            gossip_peers=answer["gossip_peers"],
+            etcd_initial_cluster=(answer.get("etcd") or {}).get("initial_cluster", ""),
         )
-        with contextlib.suppress(Conflict):
-            await store.commit(
-                [Put(keys.CLUSTER, encode("cluster", info))], [Expect.missing(keys.CLUSTER)]
+        identity.save(self.data_dir)
+        log.info("joined cluster %s as a %s host", identity.cluster_id, s.role)
+        return identity
+
+    async def _start_etcd(self, identity: ClusterIdentity) -> list[str]:
+        s = self.s
+        if s.etcd_endpoint_list:
+            return s.etcd_endpoint_list
+        cfg = EtcdConfig(
+            name=s.name,
+            data_dir=self.data_dir,
+            bind=s.bind,
+            client_port=s.etcd_client_port,
+            peer_port=s.etcd_peer_port,
+            initial_cluster=identity.etcd_initial_cluster,
+        )
+        self.etcd = EtcdSupervisor(cfg)
+        try:
+            # A joining learner has to fetch the leader's snapshot first: give it time.
+            await self.etcd.start(timeout_s=120.0 if identity.etcd_initial_cluster else 30.0)
+        except RuntimeError as exc:
+            raise AgentStartError(str(exc)) from exc
+        others = [u for u in identity.etcd_client_urls if u != cfg.client_url]
+        if identity.etcd_initial_cluster:
+            # A new member is a learner still catching up: it cannot answer reads yet.
+            return [*others, cfg.client_url]
+        return [cfg.client_url, *others]
+
+    async def _ensure_cluster(self, store: Store, identity: ClusterIdentity) -> ClusterIdentity:
+        """Read (or, at bootstrap, write) the cluster record; remember it in cluster.json."""
+        from corral.state.codec import decode
+
+        kv = await store.get(keys.CLUSTER)
+        if kv is None:
+            if not self.s.bootstrap:
+                raise AgentStartError(
+                    "the etcd cluster holds no corral cluster: pass --bootstrap to create one"
+                )
+            info = ClusterInfo(
+                id=new_id(),
+                name="corral",
+                created_at=utcnow(),
+                bootstrap_node=self.s.name,
+                gossip_key=generate_key(),
+                config=ClusterConfig(
+                    desired_voters=self.s.desired_voters,  # type: ignore[arg-type]
+                    server_dead_grace_s=self.s.server_dead_grace_s,
+                ),
             )
-            log.info("bootstrapped cluster %s", info.id)
+            with contextlib.suppress(Conflict):
+                await store.commit(
+                    [Put(keys.CLUSTER, encode("cluster", info))], [Expect.missing(keys.CLUSTER)]
+                )
+                log.info("bootstrapped cluster %s", info.id)
+            kv = await store.get(keys.CLUSTER)
+            assert kv is not None
+        info = decode("cluster", kv.value, ClusterInfo)
+        if not info.gossip_key:
+            # A cluster made before gossip existed: give it a key once.
+            info.gossip_key = generate_key()
+            with contextlib.suppress(Conflict):
+                await store.commit(
+                    [Put(keys.CLUSTER, encode("cluster", info))], [Expect.unchanged(kv)]
+                )
+        identity.cluster_id = info.id
+        identity.gossip_key = identity.gossip_key or info.gossip_key
+        identity.etcd_initial_cluster = ""  # used once: the member now has its data
+        identity.save(self.data_dir)
+        return identity
+
+    async def _record_addresses(self, ctx: ServiceContext) -> None:
+        """Keep this server's node record's addresses current (join and restarts)."""
+        s = self.s
+
+        def update(node: Node) -> Node | None:
+            want = (
+                s.grpc_url,
+                s.gossip_address,
+                f"http://{s.bind}:{s.etcd_peer_port}",
+                f"http://{s.bind}:{s.etcd_client_port}",
+            )
+            st = node.status
+            if (st.grpc_address, st.gossip_address, st.etcd_peer_url, st.etcd_client_url) == want:
+                return None
+            st.grpc_address, st.gossip_address, st.etcd_peer_url, st.etcd_client_url = want
+            return node
+
+        # The node agent registers the record moments after start: wait for it.
+        for _ in range(600):
+            try:
+                await ctx.objects.update(Node, s.name, update)
+                return
+            except CorralError:
+                await asyncio.sleep(0.5)
+        log.warning("could not record this server's addresses in its node record")
+
+    # -- health ------------------------------------------------------------------------------
 
     async def readiness(self) -> list[str]:
         reasons = []
@@ -113,24 +260,84 @@ class Agent:
             reasons.append("this node holds no liveness lease yet (registering)")
         return reasons
 
+    # -- run ---------------------------------------------------------------------------------
+
     async def run(self) -> None:
         s = self.s
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        store = self.store = await self._start_store()
-        try:
-            await self._ensure_cluster(store)
-        except CorralError as exc:
-            raise AgentStartError(f"cannot reach etcd: {exc}") from exc
-
-        ctx = ServiceContext(store, ServiceSettings(task_timeout_s=s.task_timeout_s))
-        app = create_app(
-            ApiServices(
-                vms=VmService(ctx),
-                tasks=TaskService(ctx),
-                nodes=NodeService(ctx),
-                cluster=ClusterService(ctx),
-                readiness=self.readiness,
+        identity = self.identity = await self._identity()
+        tasks: list[asyncio.Task[Any]] = []
+        grpc_server = None
+        if identity.role == "server":
+            endpoints = await self._start_etcd(identity)
+            store = self.store = Store(endpoints)
+            try:
+                identity = self.identity = await self._ensure_cluster(store, identity)
+            except CorralError as exc:
+                raise AgentStartError(f"cannot reach etcd: {exc}") from exc
+            ctx = ServiceContext(store, ServiceSettings(task_timeout_s=s.task_timeout_s))
+            app = create_app(
+                ApiServices(
+                    vms=VmService(ctx),
+                    tasks=TaskService(ctx),
+                    nodes=NodeService(ctx),
+                    cluster=ClusterService(ctx),
+                    tokens=TokenService(ctx),
+                    join=JoinService(ctx),
+                    readiness=self.readiness,
+                )
             )
+            local = LocalNodeService(ctx)
+            node_service: NodeServiceProtocol = local
+            grpc_server = await start_grpc_server(
+                s.bind, s.grpc_port, local, cluster_id=identity.cluster_id
+            )
+            control = ControlSettings(
+                cpu_allocation_ratio=s.cpu_allocation_ratio,
+                memory_allocation_ratio=s.memory_allocation_ratio,
+                node_down_after_s=s.node_down_after_s,
+                task_timeout_s=s.task_timeout_s,
+                manage_etcd=not s.etcd_endpoint_list,
+            )
+            self.election = LeaderElection(store, s.name, s.api_url, ttl_s=s.leader_ttl_s)
+        else:
+            self.remote = RemoteNodeService(
+                identity.server_grpc_urls, cluster_id=identity.cluster_id
+            )
+            node_service = self.remote
+            app = create_proxy_app(lambda: identity.server_api_urls, self.readiness)
+
+        try:
+            self.serf = SerfAgent(
+                s.name,
+                s.bind,
+                s.gossip_port,
+                s.gossip_rpc_port,
+                self.data_dir,
+                encrypt_key=identity.gossip_key,
+                tags={"role": identity.role, "api": s.api_url, "grpc": s.grpc_url},
+                join=identity.gossip_peers,
+            )
+            await self.serf.start()
+        except (CorralError, RuntimeError, OSError, ValueError) as exc:
+            raise AgentStartError(f"the gossip agent (serf) did not start: {exc}") from exc
+
+        driver = make_driver(
+            s.driver,
+            state_dir=self.data_dir / "driver",
+            start_delay_s=s.fake_start_delay_s,
+            stop_delay_s=s.fake_stop_delay_s,
+            fail_start=s.fake_fail_start,
+        )
+        self.node_agent = NodeAgent(
+            s.name,
+            node_service,
+            driver,
+            address=s.api_url,
+            labels=s.label_dict(),
+            roles=["server", "compute"] if identity.role == "server" else ["compute"],
+            inventory=collect_inventory(self.data_dir, driver.name),
+            lease_ttl_s=s.lease_ttl_s,
         )
         server = _ApiServer(
             uvicorn.Config(
@@ -143,76 +350,101 @@ class Agent:
                 timeout_graceful_shutdown=5,
             )
         )
-        driver = make_driver(
-            s.driver,
-            state_dir=self.data_dir / "driver",
-            start_delay_s=s.fake_start_delay_s,
-            stop_delay_s=s.fake_stop_delay_s,
-            fail_start=s.fake_fail_start,
-        )
-        self.node_agent = NodeAgent(
-            s.name,
-            LocalNodeService(ctx),
-            driver,
-            address=s.api_url,
-            labels=s.label_dict(),
-            roles=["server", "compute"],
-            inventory=collect_inventory(self.data_dir, driver.name),
-            lease_ttl_s=s.lease_ttl_s,
-        )
-        control = ControlSettings(
-            cpu_allocation_ratio=s.cpu_allocation_ratio,
-            memory_allocation_ratio=s.memory_allocation_ratio,
-            node_down_after_s=s.node_down_after_s,
-            task_timeout_s=s.task_timeout_s,
-        )
-        self.election = LeaderElection(store, s.name, s.api_url, ttl_s=s.leader_ttl_s)
-        election = self.election
-
-        async def lead(term: int) -> None:
-            await run_leader(store, term, control)
-
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop)
         (self.data_dir / "agent.pid").write_text(str(os.getpid()))
 
-        tasks = [
-            asyncio.create_task(server.serve(), name="api"),
-            asyncio.create_task(election.run(lead), name="election"),
-            asyncio.create_task(self.node_agent.run(), name="node-agent"),
-        ]
+        tasks.append(asyncio.create_task(server.serve(), name="api"))
+        tasks.append(asyncio.create_task(self.node_agent.run(), name="node-agent"))
+        if self.election is not None and self.store is not None:
+            store = self.store
+            view = _SerfView(s.gossip_rpc_port)
+
+            async def lead(term: int) -> None:
+                try:
+                    await run_leader(store, term, control, view)
+                finally:
+                    await view.close()
+
+            tasks.append(asyncio.create_task(self.election.run(lead), name="election"))
+            # Not in ``tasks``: it ends once done, which must not stop the agent.
+            self._background.add(
+                asyncio.create_task(
+                    self._record_addresses(ServiceContext(store)), name="record-addresses"
+                )
+            )
         stopper = asyncio.create_task(self._stop.wait(), name="stop")
-        log.info("corral agent %s serving %s (driver %s)", s.name, s.api_url, s.driver)
+        log.info(
+            "corral agent %s (%s) serving %s (driver %s)",
+            s.name,
+            identity.role,
+            s.api_url,
+            s.driver,
+        )
         done, _ = await asyncio.wait([*tasks, stopper], return_when=asyncio.FIRST_COMPLETED)
         failed = [t for t in done if t is not stopper]
         for t in failed:
             if not t.cancelled() and t.exception() is not None:
                 log.error("%s stopped unexpectedly", t.get_name(), exc_info=t.exception())
-        await self._shutdown(server, tasks, stopper)
+        await self._shutdown(server, grpc_server, tasks, stopper)
         if failed:
             raise AgentStartError(f"{failed[0].get_name()} stopped unexpectedly; see the log")
 
+    async def _leave(self) -> None:
+        """--leave: tell the servers this host is gone for good (its etcd member goes too)."""
+        import httpx
+
+        urls = [self.s.api_url] if self.store is not None else []
+        urls += self.identity.server_api_urls if self.identity else []
+        async with httpx.AsyncClient(timeout=5.0) as client:
+            for base in dict.fromkeys(urls):
+                with contextlib.suppress(httpx.HTTPError):
+                    r = await client.post(f"{base}/api/v1/nodes/{self.s.name}/leave")
+                    if r.status_code < 500:
+                        log.info("left the cluster (%s)", r.status_code)
+                        return
+        log.warning("could not tell any server that this host leaves; run `corral node remove`")
+
     async def _shutdown(
-        self, server: uvicorn.Server, tasks: list[asyncio.Task[None]], stopper: asyncio.Task[bool]
+        self,
+        server: uvicorn.Server,
+        grpc_server: Any,
+        tasks: list[asyncio.Task[Any]],
+        stopper: asyncio.Task[bool],
     ) -> None:
         log.info("shutting down")
         stopper.cancel()
-        server.should_exit = True
+        for t in self._background:
+            t.cancel()
+        if self.s.leave:
+            await self._leave()
         if self.node_agent is not None:
             # grpc may surface a closing channel as CancelledError; shutdown goes on regardless.
             with contextlib.suppress(Exception, asyncio.CancelledError):
-                # The lease is left to expire: VMs keep running through an agent restart, so the
-                # node must not look gone at once (``--leave`` will revoke it).
-                await asyncio.wait_for(self.node_agent.shutdown(timeout_s=3.0), 5.0)
+                # The lease is left to expire: VMs keep running through an agent restart, so
+                # the node must not look gone at once; --leave revokes it.
+                await asyncio.wait_for(
+                    self.node_agent.shutdown(revoke_lease=self.s.leave, timeout_s=3.0), 5.0
+                )
         if self.election is not None:
             await self.election.resign()
+        server.should_exit = True
         for t in tasks:
             if t.get_name() != "api":
                 t.cancel()
         for t in tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await asyncio.wait_for(t, 10.0)
+        if grpc_server is not None:
+            with contextlib.suppress(Exception):
+                await grpc_server.stop(grace=2.0)
+        if self.remote is not None:
+            with contextlib.suppress(Exception):
+                await self.remote.close()
+        if self.serf is not None:
+            with contextlib.suppress(Exception):
+                await self.serf.stop(leave=self.s.leave)
         if self.store is not None:
             with contextlib.suppress(Exception):
                 await self.store.close()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import inspect
+import os
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -19,6 +20,9 @@ _HELP = "Run the corral agent on this host: etcd member, API, control loops and 
 
 
 def _run_agent(**flags: Any) -> None:
+    # The agent forks etcd, serf and QEMU while grpc threads run; grpc's fork handlers only
+    # print warnings then, so they are off (children exec at once and never use grpc).
+    os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
     from corral.daemon.agent import Agent, AgentStartError
     from corral.telemetry import setup_logging
 

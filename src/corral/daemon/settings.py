@@ -50,6 +50,40 @@ class AgentSettings:
     bootstrap: bool = field(
         default=False, metadata=_doc("create a new cluster in an empty data dir")
     )
+    join: str = field(
+        default="",
+        metadata=_doc(
+            "join the cluster through any of its hosts (host, host:port or URL of its API)"
+        ),
+    )
+    token: str = field(default="", metadata=_doc("join token (from `corral token create`)"))
+    no_server: bool = field(
+        default=False,
+        metadata=_doc(
+            "compute-only host: runs VMs, keeps no state, talks to the servers over gRPC"
+        ),
+    )
+    leave: bool = field(
+        default=False,
+        metadata=_doc("on shutdown, leave the cluster for good (its etcd member is removed)"),
+    )
+    grpc_port: int = field(default=8701, metadata=_doc("gRPC port (NodeService for compute hosts)"))
+    gossip_port: int = field(default=8704, metadata=_doc("Serf gossip port on the bind address"))
+    gossip_rpc_port: int = field(default=8705, metadata=_doc("Serf RPC port, on 127.0.0.1 only"))
+    desired_voters: int = field(
+        default=3,
+        metadata=_doc(
+            "etcd voters the cluster keeps (1, 3 or 5); used at bootstrap, later changed with "
+            "`corral cluster set`"
+        ),
+    )
+    server_dead_grace_s: float = field(
+        default=300.0,
+        metadata=_doc(
+            "seconds a dead server keeps its etcd membership before it is replaced; used at "
+            "bootstrap, later changed with `corral cluster set`"
+        ),
+    )
     driver: str = field(
         default="fake", metadata=_doc("hypervisor driver: fake (in-memory, for trials and tests)")
     )
@@ -95,6 +129,18 @@ class AgentSettings:
     @property
     def api_url(self) -> str:
         return f"http://{self.bind}:{self.http_port}"
+
+    @property
+    def grpc_url(self) -> str:
+        return f"http://{self.bind}:{self.grpc_port}"
+
+    @property
+    def gossip_address(self) -> str:
+        return f"{self.bind}:{self.gossip_port}"
+
+    @property
+    def role(self) -> str:
+        return "compute" if self.no_server else "server"
 
     def label_dict(self) -> dict[str, str]:
         out: dict[str, str] = {}
@@ -175,7 +221,14 @@ def _check(s: AgentSettings) -> None:
             f"{describe('name')}: {s.name!r} must be a DNS label (lower-case letters, digits, "
             "'-'); pass --name"
         )
-    for port in ("http_port", "etcd_client_port", "etcd_peer_port"):
+    for port in (
+        "http_port",
+        "etcd_client_port",
+        "etcd_peer_port",
+        "grpc_port",
+        "gossip_port",
+        "gossip_rpc_port",
+    ):
         value = getattr(s, port)
         if not 1 <= value <= 65535:
             raise SettingsError(f"{describe(port)}: {value} is not a port (1-65535)")
@@ -186,6 +239,14 @@ def _check(s: AgentSettings) -> None:
         raise SettingsError("lease_ttl_s and leader_ttl_s must be at least 2 seconds")
     if s.log_level.lower() not in ("debug", "info", "warning", "error"):
         raise SettingsError(f"{describe('log_level')}: one of debug, info, warning, error")
+    if s.bootstrap and s.join:
+        raise SettingsError("--bootstrap and --join: pick one (create a cluster, or join one)")
+    if s.join and not s.token:
+        raise SettingsError("--join needs --token (from `corral token create` on the cluster)")
+    if s.bootstrap and s.no_server:
+        raise SettingsError("--bootstrap needs a server host: drop --no-server")
+    if s.desired_voters not in (1, 3, 5):
+        raise SettingsError(f"{describe('desired_voters')}: must be 1, 3 or 5")
     if s.driver not in DRIVERS:
         raise SettingsError(
             f"{describe('driver')}: {s.driver!r} is not a driver; choose one of "

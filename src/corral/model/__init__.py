@@ -1,17 +1,19 @@
 """Pure value types shared by the API and the state (pydantic v2). No I/O here."""
 
 from corral.model.assignment import Assignment, VmObservation
-from corral.model.cluster import ClusterInfo, LeaderRecord
+from corral.model.cluster import ClusterConfig, ClusterInfo, LeaderRecord
 from corral.model.common import Labels, Name, new_id, rfc3339, utcnow
 from corral.model.idempotency import IdempotencyRecord
 from corral.model.node import Allocated, Inventory, Node, NodeSpec, NodeStatus
 from corral.model.task import FINAL_TASK_STATES, Step, Target, Task, TaskSpec, TaskStatus
+from corral.model.token import Token, TokenCreate, TokenSpec, TokenStatus
 from corral.model.vm import Vm, VmCreate, VmSpec, VmStatus
 
 __all__ = [
     "FINAL_TASK_STATES",
     "Allocated",
     "Assignment",
+    "ClusterConfig",
     "ClusterInfo",
     "IdempotencyRecord",
     "Inventory",
@@ -26,6 +28,10 @@ __all__ = [
     "Task",
     "TaskSpec",
     "TaskStatus",
+    "Token",
+    "TokenCreate",
+    "TokenSpec",
+    "TokenStatus",
     "Vm",
     "VmCreate",
     "VmObservation",

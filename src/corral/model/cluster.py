@@ -3,19 +3,40 @@
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
-__all__ = ["ClusterInfo", "LeaderRecord"]
+__all__ = ["ClusterConfig", "ClusterInfo", "LeaderRecord"]
+
+
+class ClusterConfig(BaseModel):
+    """Cluster-wide settings, changed with ``PATCH /api/v1/cluster``."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    desired_voters: Literal[1, 3, 5] = Field(
+        default=3, description="etcd voters to keep; other server hosts stay learners (standbys)"
+    )
+    server_dead_grace_s: float = Field(
+        default=300.0,
+        ge=5,
+        le=86400,
+        description="seconds a dead server keeps its etcd membership before it is replaced",
+    )
 
 
 class ClusterInfo(BaseModel):
+    """Written once at bootstrap; ``gossip_key`` is secret and handed only to joining hosts."""
+
     model_config = ConfigDict(extra="forbid")
 
     id: str
     name: str
     created_at: datetime
     bootstrap_node: str
+    gossip_key: str = ""
+    config: ClusterConfig = Field(default_factory=ClusterConfig)
 
 
 class LeaderRecord(BaseModel):

@@ -9,10 +9,20 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from corral.model.common import ObjectMeta
 
-__all__ = ["Allocated", "Inventory", "Node", "NodeRole", "NodeSpec", "NodeState", "NodeStatus"]
+__all__ = [
+    "Allocated",
+    "GossipState",
+    "Inventory",
+    "Node",
+    "NodeRole",
+    "NodeSpec",
+    "NodeState",
+    "NodeStatus",
+]
 
 NodeRole = Literal["server", "compute"]
-NodeState = Literal["ready", "not-ready", "down", "unreachable"]
+NodeState = Literal["ready", "not-ready", "down", "unreachable", "left"]
+GossipState = Literal["alive", "suspect", "failed", "leaving", "left", "unknown"]
 _DEFAULT_ROLES: tuple[NodeRole, ...] = ("server", "compute")
 
 
@@ -59,6 +69,14 @@ class NodeStatus(BaseModel):
     heartbeat_at: datetime | None = None
     registered_at: datetime | None = None
     message: str = ""
+    # The second opinion: how the other hosts see this one over gossip (Serf).
+    gossip: GossipState = "unknown"
+    gossip_since: datetime | None = None
+    grpc_address: str = ""
+    gossip_address: str = ""
+    # Server hosts: this host's etcd member.
+    etcd_peer_url: str = ""
+    etcd_client_url: str = ""
 
 
 class Node(ObjectMeta):

@@ -37,7 +37,6 @@ _HEARTBEAT_EVERY = timedelta(seconds=5)
 class LocalNodeService:
     def __init__(self, ctx: ServiceContext) -> None:
         self.ctx = ctx
-        self._lease_node: dict[int, str] = {}
         self._last_beat: dict[str, object] = {}
 
     async def register(
@@ -87,14 +86,12 @@ class LocalNodeService:
         lease = await self.ctx.store.grant_lease(ttl_s)
         value = json.dumps({"node": node, "since": utcnow().isoformat()}).encode()
         await self.ctx.store.commit([Put(keys.liveness_key(node), value, lease=lease)])
-        self._lease_node[lease] = node
         await self._beat(node)
         return lease
 
-    async def keepalive(self, lease_id: int) -> int:
+    async def keepalive(self, node: str, lease_id: int) -> int:
         ttl = await self.ctx.store.keepalive(lease_id)
-        node = self._lease_node.get(lease_id)
-        if ttl > 0 and node is not None:
+        if ttl > 0 and node:
             await self._beat(node)
         return ttl
 
@@ -116,7 +113,6 @@ class LocalNodeService:
 
     async def close_liveness(self, node: str, lease_id: int) -> None:
         await self.ctx.store.revoke_lease(lease_id)
-        self._lease_node.pop(lease_id, None)
 
     async def assignments(self, node: str) -> AsyncIterator[dict[str, Assignment]]:
         prefix = keys.assign_prefix(node)

@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, get_args
 
 from corral import __version__
 from corral.cluster import read_leader
-from corral.errors import CorralError
-from corral.model import Allocated, ClusterInfo, Node, Vm, rfc3339
+from corral.errors import Conflict, CorralError, NotFound, ValidationFailed
+from corral.model import Allocated, ClusterConfig, ClusterInfo, Node, Vm, rfc3339
+from corral.model.common import labels_match, merge_patch, parse_label_selector
+from corral.model.node import NodeState
 from corral.service.context import ServiceContext
-from corral.state import keys
-from corral.state.codec import decode
+from corral.service.validate import parse
+from corral.state import Expect, Put, keys
+from corral.state.codec import decode, encode
 
 __all__ = ["ClusterService", "NodeService"]
 
@@ -37,13 +40,62 @@ def _with_allocation(nodes: list[Node], vms: list[Vm]) -> list[Node]:
 
 
 class NodeService:
-    """Reads of node records, with what their VMs take filled in."""
+    """Reads of node records, with what their VMs take filled in; removal and leave."""
 
     def __init__(self, ctx: ServiceContext) -> None:
         self.ctx = ctx
 
-    async def list(self, *, stale: bool = False) -> NodeList:
+    async def leave(self, name: str) -> Node:
+        """Mark a host as gone for good (its agent is shutting down with --leave).
+
+        Its etcd member is removed by the leader's membership loop; it holds no VMs.
+        """
+        return await self._retire(name, require_down=False)
+
+    async def remove(self, name: str) -> Node:
+        """Remove a host that is no longer running (``corral node remove``)."""
+        return await self._retire(name, require_down=True)
+
+    async def _retire(self, name: str, *, require_down: bool) -> Node:
+        vms, _ = await self.ctx.objects.all(Vm)
+        placed = sorted(v.name for v in vms if v.status.node == name)
+        if placed:
+            shown = ", ".join(placed[:10]) + (" ..." if len(placed) > 10 else "")
+            raise Conflict(
+                f"node {name!r} still holds {len(placed)} VMs ({shown}); delete or move them first"
+            )
+
+        def retire(node: Node) -> Node | None:
+            if require_down and node.status.state == "ready":
+                raise Conflict(
+                    f"node {name!r} is ready (its agent is running); stop it with "
+                    "`corral agent --leave` on that host, or stop the agent first"
+                )
+            if node.status.state == "left":
+                return None
+            node.status.state = "left"
+            node.status.message = "left the cluster"
+            return node
+
+        updated = await self.ctx.objects.update(Node, name, retire)
+        return updated or await self.ctx.objects.get(Node, name)
+
+    async def list(
+        self, *, label: str | None = None, state: str | None = None, stale: bool = False
+    ) -> NodeList:
+        try:
+            terms = parse_label_selector(label) if label else []
+        except ValueError as exc:
+            raise ValidationFailed.one("label", "selector", str(exc)) from None
+        states = get_args(NodeState)
+        if state and state not in states:
+            raise ValidationFailed.one("state", "one-of", f"must be one of {', '.join(states)}")
         nodes, revision = await self.ctx.objects.all(Node, serializable=stale)
+        nodes = [
+            n
+            for n in nodes
+            if (not state or n.status.state == state) and labels_match(n.spec.labels, terms)
+        ]
         vms, _ = await self.ctx.objects.all(Vm, serializable=True)
         return NodeList(_with_allocation(nodes, vms), revision)
 
@@ -56,6 +108,28 @@ class NodeService:
 class ClusterService:
     def __init__(self, ctx: ServiceContext) -> None:
         self.ctx = ctx
+
+    async def configure(self, patch: Any) -> ClusterConfig:
+        """Merge-patch the cluster config (``desired_voters``, ``server_dead_grace_s``)."""
+        if not isinstance(patch, dict):
+            raise ValidationFailed.one("", "type", "the body must be a JSON merge patch object")
+        new_config: ClusterConfig | None = None
+        for _ in range(8):
+            kv = await self.ctx.store.get(keys.CLUSTER)
+            if kv is None:
+                raise NotFound("this cluster has not been bootstrapped")
+            info = decode("cluster", kv.value, ClusterInfo)
+            merged = merge_patch(info.config.model_dump(), patch)
+            new_config = parse(ClusterConfig, merged)
+            info.config = new_config
+            try:
+                await self.ctx.store.commit(
+                    [Put(keys.CLUSTER, encode("cluster", info))], [Expect.unchanged(kv)]
+                )
+            except Conflict:
+                continue
+            return new_config
+        raise Conflict("the cluster record kept changing; try again")
 
     async def info(self) -> dict[str, Any]:
         store = self.ctx.store
@@ -106,6 +180,7 @@ class ClusterService:
                 }
                 for m in members
             ],
+            "config": info.config.model_dump() if info else None,
             "nodes": {
                 "total": len(nodes),
                 "ready": sum(1 for n in nodes if n.status.state == "ready"),

@@ -18,6 +18,7 @@ from corral.model import (
     LeaderRecord,
     Node,
     Task,
+    Token,
     Vm,
 )
 
@@ -32,6 +33,7 @@ _MODELS: dict[str, type[BaseModel]] = {
     "vm": Vm,
     "node": Node,
     "task": Task,
+    "token": Token,
     "cluster": ClusterInfo,
     "leader": LeaderRecord,
     "idempotency": IdempotencyRecord,

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 from corral.errors import Conflict, NotFound
-from corral.model import Node, Task, Vm
+from corral.model import Node, Task, Token, Vm
 from corral.model.common import ObjectMeta, utcnow
 from corral.state import keys
 from corral.state.codec import decode, encode
@@ -23,6 +23,7 @@ _KINDS: dict[type[ObjectMeta], tuple[str, str]] = {
     Vm: ("vms", "vm"),
     Node: ("nodes", "node"),
     Task: ("tasks", "task"),
+    Token: ("tokens", "token"),
 }
 
 

@@ -419,6 +419,58 @@ class Store:
 
         return await self._call(run)
 
+    async def add_member(self, peer_url: str, *, learner: bool = True) -> Member:
+        """Add an etcd member (a learner by default: it votes only once promoted)."""
+
+        async def run(c: aetcd.Client) -> Member:
+            resp = await c.clusterstub.MemberAdd(
+                rpc.MemberAddRequest(peerURLs=[peer_url], isLearner=learner),
+                timeout=self._timeout_s,
+                metadata=c.metadata,
+            )
+            m = resp.member
+            return Member(m.ID, m.name, list(m.peerURLs), list(m.clientURLs), m.isLearner)
+
+        return await self._member_call(run)
+
+    async def promote_member(self, member_id: int) -> None:
+        """Make a learner a voter; etcd refuses (Conflict) until it has caught up."""
+
+        async def run(c: aetcd.Client) -> None:
+            await c.clusterstub.MemberPromote(
+                rpc.MemberPromoteRequest(ID=member_id),
+                timeout=self._timeout_s,
+                metadata=c.metadata,
+            )
+
+        await self._member_call(run)
+
+    async def remove_member(self, member_id: int) -> None:
+        async def run(c: aetcd.Client) -> None:
+            await c.clusterstub.MemberRemove(
+                rpc.MemberRemoveRequest(ID=member_id),
+                timeout=self._timeout_s,
+                metadata=c.metadata,
+            )
+
+        await self._member_call(run)
+
+    async def _member_call(self, fn: Callable[[aetcd.Client], Awaitable[T]]) -> T:
+        """Membership changes: etcd's refusals (not in sync, unhealthy cluster) are Conflicts."""
+        client = await self._connected()
+        try:
+            return await fn(client)
+        except rpc.AioRpcError as exc:
+            code = exc.code().name
+            if code in ("FAILED_PRECONDITION", "INVALID_ARGUMENT", "NOT_FOUND", "UNAVAILABLE") and (
+                "learner" in (exc.details() or "")
+                or "member" in (exc.details() or "")
+                or "unhealthy" in (exc.details() or "")
+            ):
+                raise Conflict(f"etcd refused the membership change: {exc.details()}") from exc
+            await self._failover()
+            raise Unavailable(f"etcd membership call failed: {exc.details()}") from exc
+
     async def status(self) -> StoreStatus:
         async def run(c: aetcd.Client) -> StoreStatus:
             resp = await c.maintenancestub.Status(

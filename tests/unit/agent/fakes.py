@@ -72,7 +72,7 @@ class FakeNodeService:
         self.leases_opened.append(self._next_lease)
         return self._next_lease
 
-    async def keepalive(self, lease_id: int) -> int:
+    async def keepalive(self, node: str, lease_id: int) -> int:
         self.keepalives.append(lease_id)
         if self.keepalive_answers:
             return self.keepalive_answers.pop(0)

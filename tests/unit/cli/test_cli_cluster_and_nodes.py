@@ -16,6 +16,7 @@ def test_node_ls_shows_capacity_and_heartbeat(cli: Cli) -> None:
         "NAME",
         "STATE",
         "ROLES",
+        "GOSSIP",
         "CPUS",
         "MEMORY",
         "DISK FREE",
@@ -27,13 +28,24 @@ def test_node_ls_shows_capacity_and_heartbeat(cli: Cli) -> None:
         "n1",
         "ready",
         "server,compute",
+        "alive",
         "6/2",
         "4.5Gi/23.4Gi",
         "50.1Gi/80.5Gi",
         "2",
         "2m ago",
     ]
-    assert table[2] == ["n2", "ready", "compute", "1/8", "1Gi/4Gi", "50.1Gi/80.5Gi", "1", "2m ago"]
+    assert table[2] == [
+        "n2",
+        "ready",
+        "compute",
+        "alive",
+        "1/8",
+        "1Gi/4Gi",
+        "50.1Gi/80.5Gi",
+        "1",
+        "2m ago",
+    ]
 
 
 def test_node_ls_json_is_the_list_object(cli: Cli, fake: FakeCorralApi) -> None:

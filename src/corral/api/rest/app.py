@@ -15,10 +15,12 @@ from corral.api.rest import render
 from corral.api.rest.errors import install_error_handlers, problem
 from corral.api.rest.middleware import BodyLimitMiddleware, RequestIdMiddleware
 from corral.errors import Malformed, NotFound
-from corral.model import VmCreate
+from corral.model import TokenCreate, VmCreate
 from corral.service.context import RequestMeta
+from corral.service.join import JoinService
 from corral.service.nodes import ClusterService, NodeService
 from corral.service.tasks import TaskService
+from corral.service.tokens import TokenService
 from corral.service.vms import Accepted, VmService
 from corral.telemetry import REQUEST_ID
 
@@ -43,6 +45,8 @@ class ApiServices:
     tasks: TaskService
     nodes: NodeService
     cluster: ClusterService
+    tokens: TokenService
+    join: JoinService
     # Returns the reasons this agent is not ready (empty when ready).
     readiness: Callable[[], Awaitable[list[str]]]
 
@@ -108,9 +112,55 @@ def create_app(services: ApiServices) -> FastAPI:
     async def cluster() -> dict[str, Any]:
         return await services.cluster.info()
 
+    @app.patch("/api/v1/cluster", tags=["cluster"])
+    async def configure_cluster(
+        patch: Annotated[dict[str, Any], Body(examples=[{"desired_voters": 3}])],
+    ) -> dict[str, Any]:
+        await services.cluster.configure(patch)
+        return await services.cluster.info()
+
+    @app.post("/api/v1/join", tags=["cluster"])
+    async def join(body: Annotated[dict[str, Any], Body()]) -> dict[str, Any]:
+        """A new host proves a join token and receives what it needs to take part."""
+        return await services.join.join(body)
+
+    @app.post("/api/v1/tokens", tags=["tokens"], status_code=201)
+    async def create_token(
+        body: Annotated[TokenCreate | None, Body()] = None,
+    ) -> JSONResponse:
+        issued = await services.tokens.create(body.model_dump() if body is not None else {})
+        data = render.obj(issued.token)
+        data["secret"] = issued.secret
+        return JSONResponse(data, 201, headers={"ETag": f'"{issued.token.mod_revision}"'})
+
+    @app.get("/api/v1/tokens", tags=["tokens"])
+    async def list_tokens() -> JSONResponse:
+        tokens, revision = await services.tokens.list()
+        return render.listing(tokens, None, revision)
+
+    @app.get("/api/v1/tokens/{token_id}", tags=["tokens"])
+    async def get_token(token_id: Annotated[str, Path(max_length=16)]) -> JSONResponse:
+        return render.one(await services.tokens.get(token_id))
+
+    @app.post("/api/v1/tokens/{token_id}/revoke", tags=["tokens"])
+    async def revoke_token(token_id: Annotated[str, Path(max_length=16)]) -> JSONResponse:
+        return render.one(await services.tokens.revoke(token_id))
+
+    @app.delete("/api/v1/nodes/{name}", tags=["nodes"])
+    async def remove_node(name: NameParam) -> JSONResponse:
+        return render.one(await services.nodes.remove(name))
+
+    @app.post("/api/v1/nodes/{name}/leave", tags=["nodes"])
+    async def node_leave(name: NameParam) -> JSONResponse:
+        return render.one(await services.nodes.leave(name))
+
     @app.get("/api/v1/nodes", tags=["nodes"])
-    async def list_nodes(stale: Stale = False) -> JSONResponse:
-        nodes = await services.nodes.list(stale=stale)
+    async def list_nodes(
+        label: Annotated[str | None, Query(max_length=1024, examples=["zone=a"])] = None,
+        state: Annotated[str | None, Query(max_length=32)] = None,
+        stale: Stale = False,
+    ) -> JSONResponse:
+        nodes = await services.nodes.list(label=label, state=state, stale=stale)
         return render.listing(nodes.items, None, nodes.revision)
 
     @app.get("/api/v1/nodes/{name}", tags=["nodes"])

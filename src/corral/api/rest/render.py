@@ -6,22 +6,23 @@ from typing import Any
 
 from fastapi.responses import JSONResponse
 
-from corral.model import Node, Task, Vm
+from corral.model import Node, Task, Token, Vm
 
 __all__ = ["accepted", "listing", "obj", "one"]
 
 _FIRST = ("kind", "name", "id", "spec", "status")
 
 
-def obj(o: Vm | Node | Task) -> dict[str, Any]:
+def obj(o: Vm | Node | Task | Token) -> dict[str, Any]:
     data = o.model_dump(mode="json")
     data.pop("deadline_at", None)
+    data.pop("secret_hash", None)  # a token's secret is shown once, at creation, and never again
     ordered = {k: data.pop(k) for k in _FIRST if k in data}
     ordered.update(data)
     return ordered
 
 
-def one(o: Vm | Node | Task, status: int = 200) -> JSONResponse:
+def one(o: Vm | Node | Task | Token, status: int = 200) -> JSONResponse:
     return JSONResponse(obj(o), status, headers={"ETag": f'"{o.mod_revision}"'})
 
 

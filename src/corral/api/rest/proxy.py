@@ -1,0 +1,89 @@
+"""The REST API of a compute-only host: it keeps no state, so it forwards every API call to a
+server (failing over between them) and answers only its own health itself. ``--join`` and
+``CORRAL_ADDR`` therefore work with the address of any host."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+
+import httpx
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+
+from corral import __version__
+from corral.api.rest.errors import problem
+from corral.api.rest.middleware import BodyLimitMiddleware, RequestIdMiddleware
+from corral.telemetry import REQUEST_ID
+
+__all__ = ["create_proxy_app"]
+
+_HOP_HEADERS = {"host", "content-length", "connection", "transfer-encoding", "keep-alive"}
+
+
+def create_proxy_app(
+    upstreams: Callable[[], list[str]],
+    readiness: Callable[[], Awaitable[list[str]]],
+    *,
+    max_body_bytes: int = 1024 * 1024,
+) -> FastAPI:
+    app = FastAPI(
+        title="corral (compute host)",
+        version=__version__,
+        openapi_url=None,
+        docs_url=None,
+        redoc_url=None,
+    )
+    app.add_middleware(BodyLimitMiddleware, max_bytes=max_body_bytes)
+    app.add_middleware(RequestIdMiddleware)
+    client = httpx.AsyncClient(timeout=330.0)
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    async def readyz() -> Response:
+        reasons = await readiness()
+        if reasons:
+            return problem(
+                503,
+                "unavailable",
+                "Not ready",
+                "; ".join(reasons),
+                headers={"Retry-After": "2"},
+                extra={"reasons": reasons},
+            )
+        return JSONResponse({"status": "ready"})
+
+    @app.api_route("/api/{path:path}", methods=["GET", "POST", "PATCH", "PUT", "DELETE"])
+    async def forward(request: Request, path: str) -> Response:
+        body = await request.body()
+        headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP_HEADERS}
+        headers["x-request-id"] = REQUEST_ID.get()
+        tried = []
+        for base in upstreams():
+            url = f"{base.rstrip('/')}/api/{path}"
+            try:
+                resp = await client.request(
+                    request.method,
+                    url,
+                    params=request.query_params,
+                    content=body,
+                    headers=headers,
+                )
+            except httpx.TransportError as exc:
+                tried.append(f"{base} ({type(exc).__name__})")
+                continue
+            out = {k: v for k, v in resp.headers.items() if k.lower() not in _HOP_HEADERS}
+            out.pop("content-encoding", None)
+            out.pop("x-request-id", None)
+            return Response(resp.content, resp.status_code, headers=out)
+        return problem(
+            503,
+            "unavailable",
+            "Service unavailable",
+            "this compute host could not reach any server: " + (", ".join(tried) or "none known"),
+            headers={"Retry-After": "2"},
+        )
+
+    return app
