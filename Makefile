@@ -4,7 +4,7 @@ VENV  := .venv
 PY    := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint unit integration bench deps venv clean cluster cluster-stop proto
+.PHONY: run test lint unit integration e2e guest bench deps venv clean cluster cluster-stop proto
 
 deps:
 	@bash scripts/host-deps.sh
@@ -19,6 +19,10 @@ venv: $(STAMP)
 
 run: deps venv
 	@bash scripts/run.sh
+
+# The test guest (Debian kernel + busybox initramfs), cached in ./.cache/guest.
+guest: deps
+	@bash guest/build.sh
 
 # A 3-server + 1 compute-host cluster on 127.0.0.1-.4 (data in ./.cluster).
 cluster: deps venv
@@ -46,9 +50,13 @@ unit: venv
 integration: deps venv
 	$(VENV)/bin/pytest -q tests/integration
 
+e2e: deps venv guest
+	$(VENV)/bin/pytest -q tests/e2e
+
 bench: deps venv
 	$(PY) -m bench.store_commit
 	$(PY) -m bench.api_create
+	$(PY) -m bench.vm_start
 
 clean:
 	rm -rf $(VENV) .corral .cluster .mypy_cache .ruff_cache .pytest_cache

@@ -27,6 +27,7 @@ def start_agent(data_dir: Path) -> tuple[subprocess.Popen[bytes], str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("CORRAL_")}
     env.update(
         {
+            "CORRAL_DRIVER": "fake",
             "CORRAL_FAKE_START_DELAY_S": "0",
             "CORRAL_CPU_ALLOCATION_RATIO": "1000",
             "CORRAL_MEMORY_ALLOCATION_RATIO": "100",

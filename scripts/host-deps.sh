@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs the Debian packages corral needs, only those missing. Idempotent; needs root (or sudo).
 set -euo pipefail
-packages=(etcd-server etcd-client qemu-system-x86 qemu-utils serf busybox-static)
+packages=(etcd-server etcd-client qemu-system-x86 qemu-utils serf busybox-static xz-utils cpio)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -4,12 +4,28 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CORRAL_DATA_DIR="${CORRAL_DATA_DIR:-$PWD/.corral}"
+mkdir -p "$CORRAL_DATA_DIR"
 export CORRAL_NAME="${CORRAL_NAME:-$(hostname -s | tr 'A-Z_' 'a-z-' | cut -c1-63)}"
 bind="${CORRAL_BIND:-127.0.0.1}"
 port="${CORRAL_HTTP_PORT:-8700}"
-driver="${CORRAL_DRIVER:-fake}"
+# Real guests by default: build the test guest (cached) and use QEMU; if QEMU cannot run here,
+# fall back to the simulated driver and say so loudly.
+if [ -z "${CORRAL_DRIVER:-}" ]; then
+  if bash guest/build.sh >"$CORRAL_DATA_DIR/guest-build.log" 2>&1 \
+     && qemu-system-x86_64 -machine none -nodefaults -display none -S -daemonize \
+          -pidfile "$CORRAL_DATA_DIR/qemu-check.pid" >/dev/null 2>&1; then
+    kill "$(cat "$CORRAL_DATA_DIR/qemu-check.pid")" 2>/dev/null || true
+    rm -f "$CORRAL_DATA_DIR/qemu-check.pid" "$CORRAL_DATA_DIR/guest-build.log"
+    export CORRAL_DRIVER=qemu
+    export CORRAL_GUEST_IMAGE="${CORRAL_GUEST_IMAGE:-$PWD/.cache/guest/tiny.json}"
+  else
+    echo "WARNING: QEMU cannot run here (see $CORRAL_DATA_DIR/guest-build.log); VMs will be SIMULATED" >&2
+    echo "WARNING: by the fake driver. Fix QEMU and run make run again for real guests." >&2
+    export CORRAL_DRIVER=fake
+  fi
+fi
+driver="$CORRAL_DRIVER"
 url="http://$bind:$port"
-mkdir -p "$CORRAL_DATA_DIR"
 bootstrap=()
 [ -d "$CORRAL_DATA_DIR/etcd/member" ] || bootstrap=(--bootstrap)
 .venv/bin/corral agent "${bootstrap[@]}" 2>>"$CORRAL_DATA_DIR/agent.log" &
@@ -32,8 +48,12 @@ cat <<MSG
 MSG
 if [ "$driver" = "fake" ]; then
   cat <<MSG
-  Driver:    fake -- VMs are SIMULATED in memory; no guest runs. Real QEMU guests arrive with
-             the QEMU driver (issue 4); until then this cluster exercises the control plane only.
+  Driver:    fake -- VMs are SIMULATED in memory; no guest runs.
+MSG
+else
+  cat <<MSG
+  Driver:    qemu -- every VM boots the built-in test guest (Debian kernel + busybox initramfs,
+             .cache/guest) under QEMU; disks, images and consoles arrive with the storage work.
 MSG
 fi
 cat <<MSG
@@ -41,8 +61,9 @@ cat <<MSG
   Try, in another terminal:
     export PATH=$PWD/.venv/bin:\$PATH
     corral cluster status
-    corral vm create web-1 --vcpus 2 --memory 512 --label tier=web
+    corral vm create web-1 --vcpus 1 --memory 256 --label tier=web
     corral vm ls
+    pgrep -a qemu-system          # the guest's QEMU process (with the qemu driver)
 
   Ctrl-C stops the agent (the cluster's state stays in $CORRAL_DATA_DIR).
 MSG

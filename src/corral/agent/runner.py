@@ -425,6 +425,7 @@ class NodeAgent:
             observed_generation=vm.applied_generation,
             started_at=vm.started_at,
             message=message,
+            runtime=dict(vm.extra),
         )
 
     def _changed_observations(

@@ -70,6 +70,8 @@ class LeaderElection:
     async def _try_acquire(self) -> bool:
         if await self._resume():
             return True
+        if await self.store.get(keys.LEADER) is not None:
+            return False  # someone leads: no lease to grant and revoke
         self._lease = await self.store.grant_lease(self.ttl_s)
         record = LeaderRecord(node=self.node, address=self.address, since=utcnow())
         try:
@@ -112,7 +114,7 @@ class LeaderElection:
                 await asyncio.sleep(1.0)
                 continue
             if not acquired:
-                await asyncio.sleep(1.0)
+                await asyncio.sleep(0.5)  # the leader key is gone within a TTL of its holder dying
                 continue
             log.info("became leader (term %d)", self.term)
             leading: asyncio.Task[None] = asyncio.create_task(lead(self.term), name="leader-loops")

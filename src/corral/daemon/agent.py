@@ -18,7 +18,6 @@ from typing import Any
 
 import uvicorn
 
-from corral.agent.drivers import make_driver
 from corral.agent.inventory import collect_inventory
 from corral.agent.nodeapi import NodeService as NodeServiceProtocol
 from corral.agent.remote import RemoteNodeService
@@ -30,6 +29,7 @@ from corral.cluster import EtcdConfig, EtcdSupervisor, LeaderElection
 from corral.cluster.serf import SerfAgent, generate_key
 from corral.cluster.serf_rpc import SerfClient
 from corral.control import ControlSettings, run_leader
+from corral.daemon.drivers import DriverSetupError, build_driver
 from corral.daemon.identity import ClusterIdentity, JoinRefused, request_join
 from corral.daemon.settings import AgentSettings
 from corral.errors import Conflict, CorralError
@@ -265,6 +265,11 @@ class Agent:
     async def run(self) -> None:
         s = self.s
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        # The driver first: a host that cannot run VMs should not join or start etcd.
+        try:
+            driver = build_driver(s, self.data_dir / "driver")
+        except DriverSetupError as exc:
+            raise AgentStartError(str(exc)) from exc
         identity = self.identity = await self._identity()
         tasks: list[asyncio.Task[Any]] = []
         grpc_server = None
@@ -322,13 +327,6 @@ class Agent:
         except (CorralError, RuntimeError, OSError, ValueError) as exc:
             raise AgentStartError(f"the gossip agent (serf) did not start: {exc}") from exc
 
-        driver = make_driver(
-            s.driver,
-            state_dir=self.data_dir / "driver",
-            start_delay_s=s.fake_start_delay_s,
-            stop_delay_s=s.fake_stop_delay_s,
-            fail_start=s.fake_fail_start,
-        )
         self.node_agent = NodeAgent(
             s.name,
             node_service,

@@ -85,7 +85,8 @@ class AgentSettings:
         ),
     )
     driver: str = field(
-        default="fake", metadata=_doc("hypervisor driver: fake (in-memory, for trials and tests)")
+        default="qemu",
+        metadata=_doc("hypervisor driver: qemu (real guests) or fake (simulated, for tests)"),
     )
     labels: str = field(
         default="", metadata=_doc("node labels as k=v,k2=v2 (the --label flag may be repeated)")
@@ -94,7 +95,7 @@ class AgentSettings:
         default=15, metadata=_doc("seconds a host may miss heartbeats before it is not-ready")
     )
     leader_ttl_s: int = field(
-        default=10,
+        default=5,
         metadata=_doc("seconds a dead leader keeps the leadership before another server takes it"),
     )
     node_down_after_s: float = field(
@@ -109,6 +110,25 @@ class AgentSettings:
     )
     task_timeout_s: float = field(
         default=600.0, metadata=_doc("a task that has not ended after this many seconds fails")
+    )
+    guest_image: str = field(
+        default="",
+        metadata=_doc(
+            "qemu driver: the image sidecar (tiny.json from guest/build.sh) VMs boot; default "
+            "$CORRAL_GUEST_DIR/tiny.json or ./.cache/guest/tiny.json"
+        ),
+    )
+    qemu_binary: str = field(
+        default="qemu-system-x86_64", metadata=_doc("qemu driver: the QEMU system emulator to run")
+    )
+    qemu_accel: str = field(
+        default="auto", metadata=_doc("qemu driver: auto (KVM when it works, else TCG), kvm or tcg")
+    )
+    stop_timeout_s: float = field(
+        default=60.0,
+        metadata=_doc(
+            "seconds a guest gets to shut down (ACPI power button) before it is powered off"
+        ),
     )
     fake_start_delay_s: float = field(
         default=0.5, metadata=_doc("fake driver: seconds a VM takes to start")
@@ -247,6 +267,8 @@ def _check(s: AgentSettings) -> None:
         raise SettingsError("--bootstrap needs a server host: drop --no-server")
     if s.desired_voters not in (1, 3, 5):
         raise SettingsError(f"{describe('desired_voters')}: must be 1, 3 or 5")
+    if s.qemu_accel not in ("auto", "kvm", "tcg"):
+        raise SettingsError(f"{describe('qemu_accel')}: must be auto, kvm or tcg")
     if s.driver not in DRIVERS:
         raise SettingsError(
             f"{describe('driver')}: {s.driver!r} is not a driver; choose one of "

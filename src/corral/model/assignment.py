@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from corral.model.vm import VmSpec
 
@@ -47,3 +47,5 @@ class VmObservation(BaseModel):
     observed_generation: int
     started_at: datetime | None = None
     message: str = ""
+    # What the hypervisor says about the running VM (e.g. qemu.pid, qemu.accel, qemu.vnc).
+    runtime: dict[str, str] = Field(default_factory=dict)

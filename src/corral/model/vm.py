@@ -71,6 +71,8 @@ class VmStatus(BaseModel):
     started_at: datetime | None = None
     observed_generation: int = 0
     epoch: int = 0
+    # What the hypervisor reports about the running VM (qemu.pid, qemu.accel, qemu.vnc, ...).
+    runtime: dict[str, str] = Field(default_factory=dict)
 
 
 class Vm(ObjectMeta):

@@ -156,13 +156,14 @@ class LocalNodeService:
                     return None  # a stale report about an older placement
                 st = vm.status
                 state = "deleting" if vm.deleting else obs.state
-                new = (state, obs.observed_generation, obs.started_at, obs.message)
-                if (st.state, st.observed_generation, st.started_at, st.message) == new:
+                new = (state, obs.observed_generation, obs.started_at, obs.message, obs.runtime)
+                if (st.state, st.observed_generation, st.started_at, st.message, st.runtime) == new:
                     return None
                 st.state = state
                 st.observed_generation = max(st.observed_generation, obs.observed_generation)
                 st.started_at = obs.started_at
                 st.message = obs.message
+                st.runtime = dict(obs.runtime)
                 return vm
 
             try:

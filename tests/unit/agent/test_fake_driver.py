@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from corral import __version__
-from corral.agent.drivers import DRIVERS, FakeDriver, make_driver
+from corral.agent.drivers import FakeDriver
 from corral.agent.drivers.base import DriverVm
 from corral.agent.drivers.fake import HANDLE_DIR
 from corral.errors import DriverError
@@ -217,15 +217,3 @@ async def test_fingerprint_names_the_fake_hypervisor(tmp_path: Path) -> None:
         "hypervisor": "fake",
         "version": __version__,
     }
-
-
-def test_make_driver_builds_the_named_driver(tmp_path: Path) -> None:
-    driver = make_driver("fake", tmp_path, start_delay_s=0.5)
-    assert isinstance(driver, FakeDriver)
-    assert driver.name == "fake" and driver.start_delay_s == 0.5
-    assert list(DRIVERS) == ["fake"]
-
-
-def test_make_driver_rejects_an_unknown_name_listing_known_ones(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match=r"^unknown driver 'kvm': choose one of fake$"):
-        make_driver("kvm", tmp_path)
