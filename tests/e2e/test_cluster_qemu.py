@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -84,6 +86,22 @@ def test_a_real_guest_through_the_api(qemu_agent: AgentProcess) -> None:
         assert vm["status"]["state"] == "running"
         pid = int(vm["status"]["runtime"]["qemu.pid"])
         assert alive(pid), "the VM's QEMU process runs"
+        # The guest's console, through the API and the CLI: its heartbeat counter goes up.
+        log = wait_for(
+            lambda: (
+                "corral-heartbeat 3" in (t := c.get("/api/v1/vms/real-1/console/log").text) and t
+            ),
+            60,
+            "the guest's heartbeat on its console",
+        )
+        assert "corral-guest: booted" in log
+        cli = subprocess.run(
+            [sys.executable, "-m", "corral", "--addr", qemu_agent.url, "vm", "log", "real-1"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert cli.returncode == 0 and "corral-heartbeat" in cli.stdout
         assert vm["status"]["runtime"]["qemu.accel"] == "tcg"
 
         r = c.post("/api/v1/vms/real-1/stop", params={"wait": "true", "timeout": "90"})

@@ -124,3 +124,6 @@ def test_not_found_and_conflicts(shared_agent: AgentProcess) -> None:
         p = _problem(c.post("/api/v1/vms/pat-1/stop", json={"force": "yes"}), 422, "validation")
         p = _problem(c.post("/api/v1/vms/pat-1/start", json={"x": 1}), 422, "validation")
         assert c.get("/api/v1/vms/pat-1").json()["spec"]["vcpus"] == 1
+        p = _problem(c.get("/api/v1/vms/pat-1/console/log"), 404, "not-found")
+        assert "fake driver" in p["detail"]
+        _problem(c.get("/api/v1/vms/pat-1/console/log", params={"bytes": 0}), 422, "validation")

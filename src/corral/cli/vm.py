@@ -156,6 +156,18 @@ def vm_ls(
     emit(state.out, table)
 
 
+@vm_app.command("log")
+def vm_log(
+    ctx: typer.Context,
+    name: NameArg,
+    max_bytes: Annotated[
+        int, typer.Option("--bytes", min=1, max=1024 * 1024, help="How much of the end to show.")
+    ] = 16 * 1024,
+) -> None:
+    """Print the end of the VM's serial console output (what the guest printed)."""
+    typer.echo(get_state(ctx).client().console_log(name, max_bytes=max_bytes), nl=False)
+
+
 @vm_app.command("show")
 def vm_show(ctx: typer.Context, name: NameArg, output: OutputOpt = None) -> None:
     """Show one VM: desired spec, observed status and revisions."""

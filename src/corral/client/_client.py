@@ -344,6 +344,13 @@ class CorralClient:
         """One VM; NotFound if there is none by that name."""
         return self._get(f"{_API}/vms/{_seg(name)}")
 
+    def console_log(self, name: str, *, max_bytes: int = 64 * 1024) -> str:
+        """The last bytes the VM printed on its serial console (NotFound if it has none)."""
+        response = self._send(
+            "GET", f"{_API}/vms/{_seg(name)}/console/log", params={"bytes": str(max_bytes)}
+        )
+        return response.content.decode("utf-8", errors="replace")
+
     def create_vm(
         self,
         spec: Mapping[str, Any],

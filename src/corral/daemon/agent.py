@@ -14,10 +14,12 @@ import logging
 import os
 import signal
 from collections.abc import Generator
+from pathlib import Path
 from typing import Any
 
 import uvicorn
 
+from corral.agent.drivers import Driver, QemuDriver
 from corral.agent.inventory import collect_inventory
 from corral.agent.nodeapi import NodeService as NodeServiceProtocol
 from corral.agent.remote import RemoteNodeService
@@ -32,8 +34,9 @@ from corral.control import ControlSettings, run_leader
 from corral.daemon.drivers import DriverSetupError, build_driver
 from corral.daemon.identity import ClusterIdentity, JoinRefused, request_join
 from corral.daemon.settings import AgentSettings
-from corral.errors import Conflict, CorralError
+from corral.errors import Conflict, CorralError, DriverError
 from corral.model import ClusterConfig, ClusterInfo, Node, new_id, utcnow
+from corral.service.console import ConsoleService
 from corral.service.context import ServiceContext, ServiceSettings
 from corral.service.join import JoinService
 from corral.service.node_api import LocalNodeService
@@ -58,6 +61,16 @@ class _ApiServer(uvicorn.Server):
     @contextlib.contextmanager
     def capture_signals(self) -> Generator[None, None, None]:
         yield
+
+
+def _tail(path: Path, max_bytes: int) -> bytes:
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(0, os.SEEK_END)
+            fh.seek(max(0, fh.tell() - max_bytes))
+            return fh.read()
+    except FileNotFoundError:
+        return b""
 
 
 class _SerfView:
@@ -94,6 +107,7 @@ class Agent:
         self.node_agent: NodeAgent | None = None
         self.election: LeaderElection | None = None
         self.remote: RemoteNodeService | None = None
+        self.driver: Driver | None = None
         self._stop = asyncio.Event()
         self._background: set[asyncio.Task[None]] = set()
 
@@ -245,6 +259,18 @@ class Agent:
                 await asyncio.sleep(0.5)
         log.warning("could not record this server's addresses in its node record")
 
+    # -- consoles ----------------------------------------------------------------------------
+
+    async def local_console(self, name: str, max_bytes: int) -> bytes | None:
+        """The tail of a VM's console log on this host; None when it has none here."""
+        if not isinstance(self.driver, QemuDriver):
+            return None
+        try:
+            path = self.driver.console_log_path(name)
+        except DriverError:
+            return None
+        return await asyncio.to_thread(_tail, path, max_bytes)
+
     # -- health ------------------------------------------------------------------------------
 
     async def readiness(self) -> list[str]:
@@ -267,7 +293,7 @@ class Agent:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         # The driver first: a host that cannot run VMs should not join or start etcd.
         try:
-            driver = build_driver(s, self.data_dir / "driver")
+            driver = self.driver = build_driver(s, self.data_dir / "driver")
         except DriverSetupError as exc:
             raise AgentStartError(str(exc)) from exc
         identity = self.identity = await self._identity()
@@ -289,6 +315,7 @@ class Agent:
                     cluster=ClusterService(ctx),
                     tokens=TokenService(ctx),
                     join=JoinService(ctx),
+                    console=ConsoleService(ctx, s.name, self.local_console),
                     readiness=self.readiness,
                 )
             )
@@ -310,7 +337,9 @@ class Agent:
                 identity.server_grpc_urls, cluster_id=identity.cluster_id
             )
             node_service = self.remote
-            app = create_proxy_app(lambda: identity.server_api_urls, self.readiness)
+            app = create_proxy_app(
+                lambda: identity.server_api_urls, self.readiness, self.local_console
+            )
 
         try:
             self.serf = SerfAgent(

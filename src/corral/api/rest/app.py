@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 from fastapi import Body, FastAPI, Header, Path, Query, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
 from corral import __version__
 from corral.api.rest import render
@@ -16,6 +16,7 @@ from corral.api.rest.errors import install_error_handlers, problem
 from corral.api.rest.middleware import BodyLimitMiddleware, RequestIdMiddleware
 from corral.errors import Malformed, NotFound
 from corral.model import TokenCreate, VmCreate
+from corral.service.console import ConsoleService
 from corral.service.context import RequestMeta
 from corral.service.join import JoinService
 from corral.service.nodes import ClusterService, NodeService
@@ -47,6 +48,7 @@ class ApiServices:
     cluster: ClusterService
     tokens: TokenService
     join: JoinService
+    console: ConsoleService
     # Returns the reasons this agent is not ready (empty when ready).
     readiness: Callable[[], Awaitable[list[str]]]
 
@@ -238,6 +240,16 @@ def create_app(services: ApiServices) -> FastAPI:
         meta = _meta(if_match, idempotency_key)
         result = await services.vms.act(name, action, body, meta)
         return await finish(result, wait, timeout)
+
+    @app.get("/api/v1/vms/{name}/console/log", tags=["vms"], response_class=PlainTextResponse)
+    async def console_log(
+        name: NameParam,
+        max_bytes: Annotated[int, Query(alias="bytes", ge=1, le=1024 * 1024)] = 64 * 1024,
+        local: Annotated[bool, Query(description="read on this host only (hosts use it)")] = False,
+    ) -> Response:
+        """The last bytes the guest printed on its serial console."""
+        data = await services.console.tail(name, max_bytes, local_only=local)
+        return Response(data, media_type="text/plain; charset=utf-8")
 
     @app.get("/api/v1/tasks", tags=["tasks"])
     async def list_tasks(

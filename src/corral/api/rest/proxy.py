@@ -23,6 +23,7 @@ _HOP_HEADERS = {"host", "content-length", "connection", "transfer-encoding", "ke
 def create_proxy_app(
     upstreams: Callable[[], list[str]],
     readiness: Callable[[], Awaitable[list[str]]],
+    local_console: Callable[[str, int], Awaitable[bytes | None]],
     *,
     max_body_bytes: int = 1024 * 1024,
 ) -> FastAPI:
@@ -54,6 +55,20 @@ def create_proxy_app(
                 extra={"reasons": reasons},
             )
         return JSONResponse({"status": "ready"})
+
+    @app.get("/api/v1/vms/{name}/console/log")
+    async def console_log(request: Request, name: str) -> Response:
+        # A server asks the host that runs the VM (this one) with local=true.
+        if request.query_params.get("local") != "true":
+            return await forward(request, f"v1/vms/{name}/console/log")
+        try:
+            max_bytes = min(max(int(request.query_params.get("bytes", "65536")), 1), 1 << 20)
+        except ValueError:
+            return problem(422, "validation", "Invalid request", "bytes: must be an integer")
+        data = await local_console(name, max_bytes)
+        if data is None:
+            return problem(404, "not-found", "Not found", f"vm {name!r} has no console here")
+        return Response(data, media_type="text/plain; charset=utf-8")
 
     @app.api_route("/api/{path:path}", methods=["GET", "POST", "PATCH", "PUT", "DELETE"])
     async def forward(request: Request, path: str) -> Response:
