@@ -92,10 +92,13 @@ class LeaderElection:
         renewed = loop.time()
         while True:
             await asyncio.sleep(self.ttl_s / 3)
+            budget = renewed + self.ttl_s * 2 / 3 - loop.time()
             try:
-                remaining = await self.store.keepalive(self._lease)
-            except CorralError as exc:
-                log.warning("leader lease renewal failed: %s", exc)
+                remaining = await asyncio.wait_for(
+                    self.store.keepalive(self._lease), max(budget, 0.01)
+                )
+            except (CorralError, TimeoutError) as exc:
+                log.warning("leader lease renewal failed: %s", exc or "no answer in time")
                 remaining = -1
             now = loop.time()
             if remaining > 0:

@@ -116,6 +116,16 @@ class VmLoop:
         if node is None:
             await self.ctx.commit([Objects.delete(Vm, vm.name)], [Objects.expect_unchanged(vm)])
             return Outcome(f"deleted vm {vm.name} (it was never placed)")
+        host = self.ctx.node(node)
+        if host is None or host.status.state in ("down", "left"):
+            # Its host cannot confirm: forget the VM now; the host's agent drops it (its
+            # assignment is gone) if it ever comes back.
+            ops: list[Put | Delete] = [Objects.delete(Vm, vm.name)]
+            if self.ctx.assignment(node, vm.name) is not None:
+                ops.append(Delete(keys.assign_key(node, vm.name)))
+            await self.ctx.commit(ops, [Objects.expect_unchanged(vm)])
+            state = host.status.state if host else "gone"
+            return Outcome(f"deleted vm {vm.name} whose host {node} is {state}")
         if self.ctx.assignment(node, vm.name) is not None:
             await self.ctx.commit([Delete(keys.assign_key(node, vm.name))])
             return Outcome(f"asking node {node} to remove vm {vm.name}")

@@ -187,8 +187,10 @@ class Store:
                 self._client = client
             return self._client
 
-    async def _failover(self) -> None:
+    async def _failover(self, failed: aetcd.Client | None = None) -> None:
         async with self._lock:
+            if failed is not None and self._client is not failed:
+                return  # another call already moved on from that client
             client, self._client = self._client, None
             self._index = (self._index + 1) % len(self._endpoints)
         if client is not None:
@@ -200,18 +202,25 @@ class Store:
     async def _call(self, fn: Callable[[aetcd.Client], Awaitable[T]]) -> T:
         """Run ``fn`` with a client, translating aetcd errors (the one boundary)."""
         client = await self._connected()
+        endpoint = self.endpoint
         try:
             return await fn(client)
         except aetcd.RevisionCompactedError as exc:
             raise Compacted(exc.compacted_revision) from exc
         except (aetcd.ConnectionFailedError, aetcd.ConnectionTimeoutError) as exc:
-            await self._failover()
-            raise Unavailable(f"etcd at {self.endpoint} unavailable: {exc}") from exc
+            await self._failover(client)
+            raise Unavailable(f"etcd at {endpoint} unavailable: {exc}") from exc
         except aetcd.ClientError as exc:
             raise Unavailable(f"etcd error: {exc}") from exc
         except rpc.AioRpcError as exc:
-            await self._failover()
+            await self._failover(client)
             raise Unavailable(f"etcd error: {exc.details()}") from exc
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise  # this task is being cancelled
+            # grpc cancels the calls of a channel another call's failover closed
+            raise Unavailable("etcd call cancelled: its connection was closed") from None
 
     async def close(self) -> None:
         async with self._lock:
@@ -354,7 +363,7 @@ class Store:
         try:
             watch = await client.watch_prefix(prefix.encode(), start_revision=from_revision + 1)
         except aetcd.ClientError as exc:
-            await self._failover()
+            await self._failover(client)
             raise Unavailable(f"etcd watch failed: {exc}") from exc
         try:
             async for event in watch:
@@ -363,8 +372,13 @@ class Store:
         except aetcd.RevisionCompactedError as exc:
             raise Compacted(exc.compacted_revision) from exc
         except (aetcd.ClientError, rpc.AioRpcError) as exc:
-            await self._failover()
+            await self._failover(client)
             raise Unavailable(f"etcd watch broke: {exc}") from exc
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise
+            raise Unavailable("etcd watch cancelled: its connection was closed") from None
         finally:
             try:
                 await watch.cancel()
@@ -468,7 +482,7 @@ class Store:
                 or "unhealthy" in (exc.details() or "")
             ):
                 raise Conflict(f"etcd refused the membership change: {exc.details()}") from exc
-            await self._failover()
+            await self._failover(client)
             raise Unavailable(f"etcd membership call failed: {exc.details()}") from exc
 
     async def status(self) -> StoreStatus:
