@@ -53,7 +53,7 @@ MSG
 else
   cat <<MSG
   Driver:    qemu -- every VM boots the built-in test guest (Debian kernel + busybox initramfs,
-             .cache/guest) under QEMU; disks, images and consoles arrive with the storage work.
+             .cache/guest) under QEMU; disks and images arrive with the storage work.
 MSG
 fi
 cat <<MSG
@@ -63,8 +63,11 @@ cat <<MSG
     corral cluster status
     corral vm create web-1 --vcpus 1 --memory 256 --label tier=web
     corral vm ls
+    corral vm log web-1           # the guest's serial console: corral-heartbeat 1, 2, 3...
     pgrep -a qemu-system          # the guest's QEMU process (with the qemu driver)
 
-  Ctrl-C stops the agent (the cluster's state stays in $CORRAL_DATA_DIR).
+  Ctrl-C stops the agent (the cluster's state stays in $CORRAL_DATA_DIR). Guests keep running
+  without it, like on a Proxmox host, and the next make run re-attaches to them: stop them first
+  with corral vm stop if you want them down.
 MSG
 wait $agent
