@@ -34,7 +34,8 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from tests.integration.harness import AgentProcess
+from tests.integration.harness import AgentProcess, node_states
+from tests.integration.harness import wait_for as _wait_for
 
 SERVERS = ("n1", "n2", "n3")
 ALL = (*SERVERS, "c1")
@@ -46,18 +47,7 @@ class BenchError(RuntimeError):
 
 
 def wait_for(predicate: Callable[[], Any], timeout_s: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout_s
-    last: Any = None
-    while time.monotonic() < deadline:
-        try:
-            last = predicate()
-        except httpx.HTTPError as exc:
-            last = exc
-        else:
-            if last:
-                return last
-        time.sleep(0.1)
-    raise BenchError(f"timed out after {timeout_s}s waiting for {what} (last: {last!r})")
+    return _wait_for(predicate, timeout_s, what, poll_s=0.1, error=BenchError)
 
 
 def cluster(agent: AgentProcess, timeout_s: float = 3.0) -> dict[str, Any]:
@@ -65,11 +55,6 @@ def cluster(agent: AgentProcess, timeout_s: float = 3.0) -> dict[str, Any]:
     r.raise_for_status()
     info: dict[str, Any] = r.json()
     return info
-
-
-def node_states(agent: AgentProcess) -> dict[str, str]:
-    items = httpx.get(agent.url + "/api/v1/nodes", timeout=3).json()["items"]
-    return {n["name"]: n["status"]["state"] for n in items}
 
 
 def settled(agent: AgentProcess) -> bool:

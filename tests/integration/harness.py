@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -182,3 +183,39 @@ class AgentProcess:
                     return
             time.sleep(0.1)
         raise AssertionError("etcd still listening after its agent died")
+
+
+def wait_for(
+    predicate: Callable[[], Any],
+    timeout_s: float,
+    what: str,
+    *,
+    poll_s: float = 0.2,
+    error: type[Exception] = AssertionError,
+) -> Any:
+    """Poll until ``predicate`` returns something truthy (HTTP errors count as "not yet")."""
+    deadline = time.monotonic() + timeout_s
+    last: Any = None
+    while time.monotonic() < deadline:
+        try:
+            last = predicate()
+        except httpx.HTTPError as exc:
+            last = exc
+        else:
+            if last:
+                return last
+        time.sleep(poll_s)
+    raise error(f"timed out after {timeout_s}s waiting for {what} (last: {last!r})")
+
+
+def token(agent: AgentProcess, **body: Any) -> str:
+    """A new join token's secret, created through ``agent``'s API."""
+    r = httpx.post(agent.url + "/api/v1/tokens", json=body, timeout=10)
+    assert r.status_code == 201, r.text
+    secret: str = r.json()["secret"]
+    return secret
+
+
+def node_states(agent: AgentProcess, timeout_s: float = 10.0) -> dict[str, str]:
+    items = httpx.get(agent.url + "/api/v1/nodes", timeout=timeout_s).json()["items"]
+    return {n["name"]: n["status"]["state"] for n in items}

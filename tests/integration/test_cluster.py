@@ -10,12 +10,11 @@ import signal
 import subprocess
 import time
 from collections.abc import Callable, Iterator
-from typing import Any
 
 import httpx
 import pytest
 
-from tests.integration.harness import AgentProcess
+from tests.integration.harness import AgentProcess, node_states, token, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -23,36 +22,9 @@ MakeAgent = Callable[..., AgentProcess]
 FAST = ["--lease-ttl-s", "6", "--leader-ttl-s", "4", "--node-down-after-s", "20"]
 
 
-def wait_for(predicate: Callable[[], Any], timeout_s: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout_s
-    last: Any = None
-    while time.monotonic() < deadline:
-        try:
-            last = predicate()
-        except httpx.HTTPError as exc:
-            last = exc
-        else:
-            if last:
-                return last
-        time.sleep(0.25)
-    raise AssertionError(f"timed out after {timeout_s}s waiting for {what} (last: {last!r})")
-
-
-def token(agent: AgentProcess, **body: Any) -> str:
-    r = httpx.post(agent.url + "/api/v1/tokens", json=body, timeout=10)
-    assert r.status_code == 201, r.text
-    secret: str = r.json()["secret"]
-    return secret
-
-
 def members(agent: AgentProcess) -> dict[str, str]:
     info = httpx.get(agent.url + "/api/v1/cluster", timeout=10).json()
     return {m["name"]: ("learner" if m["is_learner"] else "voter") for m in info["members"]}
-
-
-def node_states(agent: AgentProcess) -> dict[str, str]:
-    items = httpx.get(agent.url + "/api/v1/nodes", timeout=10).json()["items"]
-    return {n["name"]: n["status"]["state"] for n in items}
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ import contextlib
 import json
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -21,28 +21,13 @@ import httpx
 import pytest
 
 from tests.integration import netns
-from tests.integration.harness import AgentProcess
+from tests.integration.harness import AgentProcess, node_states, wait_for
 from tests.integration.netns import Host, NetnsUnavailable, Network
 
 pytestmark = pytest.mark.integration
 
 FAST = ["--lease-ttl-s", "6", "--leader-ttl-s", "4"]
 NAMES = ("n1", "n2", "n3")
-
-
-def wait_for(predicate: Callable[[], Any], timeout_s: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout_s
-    last: Any = None
-    while time.monotonic() < deadline:
-        try:
-            last = predicate()
-        except httpx.HTTPError as exc:
-            last = exc
-        else:
-            if last:
-                return last
-        time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout_s}s waiting for {what} (last: {last!r})")
 
 
 def cluster_info(agent: AgentProcess, timeout_s: float = 5.0) -> dict[str, Any]:
@@ -55,11 +40,6 @@ def cluster_info(agent: AgentProcess, timeout_s: float = 5.0) -> dict[str, Any]:
 def voters(agent: AgentProcess) -> dict[str, bool]:
     """etcd voters (learners left out) and whether each is healthy."""
     return {m["name"]: m["healthy"] for m in cluster_info(agent)["members"] if not m["is_learner"]}
-
-
-def node_states(agent: AgentProcess) -> dict[str, str]:
-    items = httpx.get(agent.url + "/api/v1/nodes", timeout=5).json()["items"]
-    return {n["name"]: n["status"]["state"] for n in items}
 
 
 def vm_names(agent: AgentProcess) -> set[str]:
