@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import logging
 import os
 import shutil
@@ -19,17 +18,11 @@ from pathlib import Path
 
 import httpx
 
+from corral.cluster.child import die_with_parent, wait_until_ready
+
 __all__ = ["EtcdConfig", "EtcdSupervisor"]
 
 log = logging.getLogger(__name__)
-
-_PR_SET_PDEATHSIG = 1
-
-
-def _die_with_parent() -> None:
-    # Runs in the child between fork and exec.
-    libc = ctypes.CDLL("libc.so.6", use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 @dataclass(frozen=True)
@@ -134,7 +127,7 @@ class EtcdSupervisor:
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=logf,
                 stderr=logf,
-                preexec_fn=_die_with_parent,
+                preexec_fn=die_with_parent,
                 # Its own session: a Ctrl-C meant for the agent must not stop etcd first.
                 start_new_session=True,
             )
@@ -150,22 +143,21 @@ class EtcdSupervisor:
             return False
 
     async def _wait_healthy(self, timeout_s: float) -> None:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout_s
-        while loop.time() < deadline:
-            if self._proc is not None and self._proc.returncode is not None:
-                raise RuntimeError(
-                    f"etcd exited with code {self._proc.returncode} during start; "
-                    f"see {self.config.data_dir / 'etcd.log'}"
-                )
-            if await self._probe():
-                self.healthy = True
-                return
-            await asyncio.sleep(0.1)
-        raise RuntimeError(
-            f"etcd did not become healthy within {timeout_s:.0f}s at {self.config.client_url}; "
-            f"see {self.config.data_dir / 'etcd.log'}"
+        log_path = self.config.data_dir / "etcd.log"
+        await wait_until_ready(
+            self._proc,
+            self._probe,
+            timeout_s,
+            poll_s=0.1,
+            exited=lambda code: RuntimeError(
+                f"etcd exited with code {code} during start; see {log_path}"
+            ),
+            timed_out=lambda: RuntimeError(
+                f"etcd did not become healthy within {timeout_s:.0f}s at "
+                f"{self.config.client_url}; see {log_path}"
+            ),
         )
+        self.healthy = True
 
     async def start(self, timeout_s: float = 30.0) -> None:
         """Start etcd and return once it is healthy; then keep it running in the background."""

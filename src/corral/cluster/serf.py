@@ -21,7 +21,6 @@ import asyncio
 import base64
 import binascii
 import contextlib
-import ctypes
 import ipaddress
 import json
 import logging
@@ -36,13 +35,13 @@ from typing import cast
 
 import msgpack  # type: ignore[import-untyped, unused-ignore]
 
+from corral.cluster.child import die_with_parent, wait_until_ready
 from corral.cluster.serf_rpc import SerfClient, SerfError
 
 __all__ = ["SerfAgent", "generate_key"]
 
 log = logging.getLogger(__name__)
 
-_PR_SET_PDEATHSIG = 1
 _PROFILES = ("lan", "wan", "local")
 _KEY_SIZES = (16, 24, 32)
 _MAX_TAGS_BYTES = 512  # serf's limit on a member's encoded tags (memberlist meta)
@@ -52,12 +51,6 @@ _REJOIN_PEERS = 8  # alive peers remembered for rejoining after a restart
 def generate_key() -> str:
     """A fresh random gossip key: 32 bytes (AES-256), base64-encoded as serf expects."""
     return base64.b64encode(secrets.token_bytes(32)).decode("ascii")
-
-
-def _die_with_parent() -> None:
-    # Runs in the child between fork and exec.
-    libc = ctypes.CDLL("libc.so.6", use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def _host_port(host: str, port: int) -> str:
@@ -233,7 +226,7 @@ class SerfAgent:
                     stdin=asyncio.subprocess.DEVNULL,
                     stdout=logf,
                     stderr=logf,
-                    preexec_fn=_die_with_parent,
+                    preexec_fn=die_with_parent,
                     # Its own session: a Ctrl-C meant for corral must not reach serf first.
                     start_new_session=True,
                 )
@@ -277,22 +270,21 @@ class SerfAgent:
         return " | ".join(line.strip() for line in lines[-3:])
 
     async def _wait_ready(self, timeout_s: float) -> None:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout_s
-        while loop.time() < deadline:
-            if self._proc is not None and self._proc.returncode is not None:
-                raise SerfError(
-                    f"serf exited with code {self._proc.returncode} during start: "
-                    f"{self._log_tail()} (see {self.log_path})"
-                )
-            if await self._probe():
-                self.healthy = True
-                return
-            await asyncio.sleep(0.05)
-        raise SerfError(
-            f"serf RPC did not answer within {timeout_s:.0f}s at {self.rpc_address} "
-            f"(see {self.log_path})"
+        await wait_until_ready(
+            self._proc,
+            self._probe,
+            timeout_s,
+            poll_s=0.05,
+            exited=lambda code: SerfError(
+                f"serf exited with code {code} during start: {self._log_tail()} "
+                f"(see {self.log_path})"
+            ),
+            timed_out=lambda: SerfError(
+                f"serf RPC did not answer within {timeout_s:.0f}s at {self.rpc_address} "
+                f"(see {self.log_path})"
+            ),
         )
+        self.healthy = True
 
     async def start(self, timeout_s: float = 15.0) -> None:
         """Start serf and return once its RPC answers; then keep it running in the background.
