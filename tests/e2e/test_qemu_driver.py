@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from corral.agent.drivers.base import DriverVm
+from corral.agent.drivers.base import DriverDisk, DriverVm
 from corral.agent.drivers.qemu import GUEST_POWERED_OFF, DirectKernelBoot, DiskConfig, QemuDriver
 from corral.model import VmSpec
 
@@ -210,6 +210,45 @@ async def test_guest_reads_and_writes_disks_that_the_host_checks_after_poweroff(
     assert not qemu_running(pid_of(started))
     assert "Pattern verification failed" not in await qemu_io(data, "read -P 0xcd 0 1M")
     assert "Pattern verification failed" in await qemu_io(data, "read -P 0xab 0 1M")
+
+
+async def test_disks_hot_plug_into_and_out_of_a_running_guest(
+    drivers: DriverFactory, scratch: Path
+) -> None:
+    data = scratch / "hot.qcow2"
+    assert await run("qemu-img", "create", "-q", "-f", "qcow2", str(data), "64M") == ""
+    assert "wrote 1048576/1048576 bytes" in await qemu_io(data, "write -P 0x5a 0 1M")
+    driver = drivers()
+    await driver.define(new_vm("hot"))
+    started = await driver.start("hot")
+    console = console_of(driver, "hot")
+    await console.wait_booted()
+    assert "no block device /dev/vda" in await console.command("read-pattern /dev/vda 0x5a 1")
+
+    attached = await driver.attach_disk("hot", DriverDisk(id="hot-data", path=str(data)))
+    assert [d.id for d in attached.disks] == ["hot-data"]
+    assert attached.state == "running" and attached.started_at == started.started_at
+
+    async def guest_sees_vda() -> str:
+        for _ in range(40):
+            answer = await console.command("read-pattern /dev/vda 0x5a 1")
+            if "no block device" not in answer:
+                return answer
+            await asyncio.sleep(0.5)
+        return answer
+
+    assert await guest_sees_vda() == "pattern ok"
+    assert await console.command("write-pattern /dev/vda 0x6b 1") == "pattern written"
+
+    detached = await driver.detach_disk("hot", "hot-data")
+    assert detached.disks == () and detached.state == "running"
+    assert "no block device /dev/vda" in await console.command("read-pattern /dev/vda 0x6b 1")
+    # Released by QEMU: the host can open the image again and sees what the guest wrote.
+    assert "Pattern verification failed" not in await qemu_io(data, "read -P 0x6b 0 1M")
+    # Idempotent both ways, and the definition remembers no disk for the next start.
+    assert (await driver.detach_disk("hot", "hot-data")).disks == ()
+    restarted = await driver.stop("hot", force=True)
+    assert restarted.disks == ()
 
 
 async def test_a_new_agent_recovers_running_guests_without_restarting_them(

@@ -7,9 +7,10 @@ from dataclasses import dataclass, field
 from typing import TypeVar
 
 from corral.control.informer import Informer
-from corral.model import Assignment, Node, Task, Vm
+from corral.model import Assignment, Image, Node, Pool, Task, Vm, Volume
 from corral.model.common import ObjectMeta
 from corral.state import KV, Delete, Expect, Objects, Put, Store, keys
+from corral.state.objects import kind_of
 from corral.state.codec import decode
 
 __all__ = ["ControlSettings", "LeaderContext"]
@@ -111,9 +112,18 @@ class LeaderContext:
     def task(self, name: str) -> Task | None:
         return self._get(Task, name)
 
+    def pool(self, name: str) -> Pool | None:
+        return self._get(Pool, name)
+
+    def volume(self, name: str) -> Volume | None:
+        return self._get(Volume, name)
+
+    def image(self, name: str) -> Image | None:
+        return self._get(Image, name)
+
     def all(self, model: type[ObjT]) -> list[ObjT]:
         """Every object of a kind, read-only (shared with the cache)."""
-        prefix = keys.kind_prefix({Vm: "vms", Node: "nodes", Task: "tasks"}[model])
+        prefix = keys.kind_prefix(kind_of(model)[0])
         return [self._decoded(model, kv) for kv in self.informer.under(prefix)]
 
     def assignment(self, node: str, vm: str) -> tuple[Assignment, KV] | None:

@@ -7,12 +7,29 @@ from corral.model.idempotency import IdempotencyRecord
 from corral.model.node import Allocated, Inventory, Node, NodeSpec, NodeStatus
 from corral.model.task import FINAL_TASK_STATES, Step, Target, Task, TaskSpec, TaskStatus
 from corral.model.token import Token, TokenCreate, TokenSpec, TokenStatus
-from corral.model.vm import Vm, VmCreate, VmSpec, VmStatus
+from corral.model.storage import (
+    Image,
+    ImageCreate,
+    ImageSpec,
+    ImageStatus,
+    Pool,
+    PoolCreate,
+    PoolSpec,
+    Volume,
+    VolumeCreate,
+    VolumeSpec,
+    VolumeStatus,
+)
+from corral.model.vm import Vm, VmCreate, VmDisk, VmSpec, VmStatus
 
 __all__ = [
     "FINAL_TASK_STATES",
     "Allocated",
     "Assignment",
+    "Image",
+    "ImageCreate",
+    "ImageSpec",
+    "ImageStatus",
     "ClusterConfig",
     "ClusterInfo",
     "IdempotencyRecord",
@@ -23,6 +40,9 @@ __all__ = [
     "Node",
     "NodeSpec",
     "NodeStatus",
+    "Pool",
+    "PoolCreate",
+    "PoolSpec",
     "Step",
     "Target",
     "Task",
@@ -34,9 +54,14 @@ __all__ = [
     "TokenStatus",
     "Vm",
     "VmCreate",
+    "VmDisk",
     "VmObservation",
     "VmSpec",
     "VmStatus",
+    "Volume",
+    "VolumeCreate",
+    "VolumeSpec",
+    "VolumeStatus",
     "new_id",
     "rfc3339",
     "utcnow",

@@ -9,9 +9,60 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from corral.model.vm import VmSpec
 
-__all__ = ["Assignment", "ObservedState", "VmObservation"]
+__all__ = [
+    "AssignedBoot",
+    "AssignedDisk",
+    "AssignedImageFile",
+    "Assignment",
+    "ObservedState",
+    "VmObservation",
+]
 
 ObservedState = Literal["starting", "running", "stopping", "stopped", "crashed", "failed"]
+
+
+class AssignedImageFile(BaseModel):
+    """A file of an image, as a host fetches it: from any server, checked against sha256."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    image: str
+    image_id: str
+    file: str
+    sha256: str
+    size_bytes: int
+    format: str | None = None
+
+
+class AssignedDisk(BaseModel):
+    """A VM disk with everything its host needs to find or create the volume's file."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    volume: str
+    volume_id: str
+    file_name: str
+    pool: str
+    # None: the host's own <data-dir>/pools/<pool>.
+    pool_path: str | None = None
+    shared: bool = False
+    size_gib: int
+    format: Literal["qcow2"] = "qcow2"
+    image: AssignedImageFile | None = None
+    full_clone: bool = False
+    # The host that created the file: a host finding it missing reports the loss instead of
+    # making a blank disk in its place.
+    created_on: str | None = None
+
+
+class AssignedBoot(BaseModel):
+    """Direct kernel boot from an image's kernel (and initrd)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kernel: AssignedImageFile
+    initrd: AssignedImageFile | None = None
+    cmdline: str = ""
 
 
 class Assignment(BaseModel):
@@ -33,6 +84,9 @@ class Assignment(BaseModel):
     # Power off at once instead of a graceful shutdown when stopping (``vm stop --force``).
     force_stop: bool = False
     spec: VmSpec
+    disks: list[AssignedDisk] = Field(default_factory=list)
+    # None: boot from the first disk (or, for a VM without an image, the host's default guest).
+    boot: AssignedBoot | None = None
 
 
 class VmObservation(BaseModel):
@@ -49,3 +103,5 @@ class VmObservation(BaseModel):
     message: str = ""
     # What the hypervisor says about the running VM (e.g. qemu.pid, qemu.accel, qemu.vnc).
     runtime: dict[str, str] = Field(default_factory=dict)
+    # The files of the VM's volumes on this host (volume name -> path), once they exist.
+    volumes: dict[str, str] = Field(default_factory=dict)

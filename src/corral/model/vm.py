@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from corral.model.common import Labels, Name, ObjectMeta, Strict
 
@@ -14,6 +14,7 @@ __all__ = [
     "PowerState",
     "Vm",
     "VmCreate",
+    "VmDisk",
     "VmSpec",
     "VmState",
     "VmStatus",
@@ -36,6 +37,13 @@ VM_STATES: tuple[str, ...] = VmState.__args__  # type: ignore[attr-defined]
 MIN_MEMORY_MIB = 64
 MAX_MEMORY_MIB = 4 * 1024 * 1024
 MAX_VCPUS = 256
+MAX_DISKS = 16
+
+
+class VmDisk(Strict):
+    """One disk of a VM: a volume (``corral volume ls``); the first one is the boot disk."""
+
+    volume: Name
 
 
 class VmSpec(Strict):
@@ -49,15 +57,40 @@ class VmSpec(Strict):
     power_state: PowerState = Field(
         default="running", description="running: keep it started; stopped: keep it off"
     )
+    image: Name | None = Field(
+        default=None, description="the image the VM boots the way of (its kernel, cmdline)"
+    )
+    disks: list[VmDisk] = Field(default_factory=list, max_length=MAX_DISKS)
+
+    @field_validator("disks")
+    @classmethod
+    def _distinct_disks(cls, disks: list[VmDisk]) -> list[VmDisk]:
+        seen: set[str] = set()
+        for disk in disks:
+            if disk.volume in seen:
+                raise ValueError(f"volume {disk.volume!r} is listed twice")
+            seen.add(disk.volume)
+        return disks
+
+
+_CREATE_ONLY = {"name", "disk_gib", "pool", "full_clone"}
 
 
 class VmCreate(VmSpec):
-    """Body of ``POST /api/v1/vms``: the spec plus the name."""
+    """Body of ``POST /api/v1/vms``: the spec plus the name.
+
+    With ``image``, a boot volume ``<name>-disk0`` is made from it in ``pool`` (a linked clone
+    unless ``full_clone``), ``disk_gib`` big (default: the image's size), and put first in
+    ``disks``.
+    """
 
     name: Name
+    disk_gib: int | None = Field(default=None, ge=1, le=64 * 1024)
+    pool: Name = "local"
+    full_clone: bool = False
 
     def spec(self) -> VmSpec:
-        return VmSpec.model_validate(self.model_dump(exclude={"name"}))
+        return VmSpec.model_validate(self.model_dump(exclude=_CREATE_ONLY))
 
 
 class VmStatus(BaseModel):

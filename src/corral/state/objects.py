@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 from corral.errors import Conflict, NotFound
-from corral.model import Node, Task, Token, Vm
+from corral.model import Image, Node, Pool, Task, Token, Vm, Volume
 from corral.model.common import ObjectMeta, utcnow
 from corral.state import keys
 from corral.state.codec import decode, encode
@@ -24,6 +24,9 @@ _KINDS: dict[type[ObjectMeta], tuple[str, str]] = {
     Node: ("nodes", "node"),
     Task: ("tasks", "task"),
     Token: ("tokens", "token"),
+    Pool: ("pools", "pool"),
+    Volume: ("volumes", "volume"),
+    Image: ("images", "image"),
 }
 
 

@@ -14,9 +14,28 @@ from typing import Literal, Protocol
 
 from corral.model import VmSpec
 
-__all__ = ["Driver", "DriverVm", "RuntimeState"]
+__all__ = ["Driver", "DriverBoot", "DriverDisk", "DriverVm", "RuntimeState"]
 
 RuntimeState = Literal["running", "stopped", "crashed", "paused"]
+
+
+@dataclass(frozen=True)
+class DriverDisk:
+    """A disk as the hypervisor gets it: the volume's name (``id``), file and format."""
+
+    id: str
+    path: str
+    format: Literal["qcow2", "raw"] = "qcow2"
+    read_only: bool = False
+
+
+@dataclass(frozen=True)
+class DriverBoot:
+    """Direct kernel boot (``kernel`` set), or from the first disk (``kernel`` None)."""
+
+    kernel: str | None = None
+    initrd: str | None = None
+    cmdline: str = ""
 
 
 @dataclass
@@ -34,6 +53,9 @@ class DriverVm:
     reboot_generation: int = 0
     message: str = ""
     extra: dict[str, str] = field(default_factory=dict)
+    # Disks in order (the first one boots); None boot: the driver's default boot source.
+    disks: tuple[DriverDisk, ...] = ()
+    boot: DriverBoot | None = None
 
 
 class Driver(Protocol):
@@ -59,6 +81,14 @@ class Driver(Protocol):
 
     async def update(self, name: str, vm: DriverVm) -> DriverVm:
         """Store a new spec / generation; hardware changes take effect at the next start."""
+
+    async def attach_disk(self, name: str, disk: DriverDisk) -> DriverVm:
+        """Add a disk: hot-plugged into a running VM, or recorded for the next start.
+        Idempotent for a disk already attached."""
+
+    async def detach_disk(self, name: str, disk_id: str) -> DriverVm:
+        """Remove a disk: hot-unplugged from a running VM (the guest must let it go), or
+        dropped from the definition. Idempotent for a disk not attached."""
 
     async def destroy(self, name: str) -> None:
         """Stop the VM if needed and remove it and its handle. Idempotent."""

@@ -25,7 +25,7 @@ import fnmatch
 import json
 import os
 import tempfile
-from dataclasses import replace
+from dataclasses import asdict, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, get_args
@@ -33,7 +33,7 @@ from typing import Any, get_args
 from pydantic import ValidationError
 
 from corral import __version__
-from corral.agent.drivers.base import DriverVm, RuntimeState
+from corral.agent.drivers.base import DriverDisk, DriverVm, RuntimeState
 from corral.errors import DriverError
 from corral.model import VmSpec
 
@@ -66,6 +66,7 @@ def _to_json(vm: DriverVm) -> dict[str, Any]:
         "reboot_generation": vm.reboot_generation,
         "message": vm.message,
         "extra": dict(vm.extra),
+        "disks": [asdict(d) for d in vm.disks],
     }
 
 
@@ -86,6 +87,7 @@ def _from_json(row: dict[str, Any]) -> DriverVm:
         reboot_generation=int(row.get("reboot_generation", 0)),
         message=str(row.get("message", "")),
         extra={str(k): str(v) for k, v in dict(row.get("extra", {})).items()},
+        disks=tuple(DriverDisk(**d) for d in row.get("disks", [])),
     )
 
 
@@ -276,6 +278,18 @@ class FakeDriver:
             raise DriverError(f"fake driver: vm {name} has id {current.vm_id}, not {vm.vm_id}")
         new = replace(_copy(vm), name=name, state=current.state, started_at=current.started_at)
         return self._set(new)
+
+    async def attach_disk(self, name: str, disk: DriverDisk) -> DriverVm:
+        """Record the disk (at the end); idempotent for a disk id already attached."""
+        vm = self._get(name)
+        if any(d.id == disk.id for d in vm.disks):
+            return _copy(vm)
+        return self._set(replace(vm, disks=(*vm.disks, disk)))
+
+    async def detach_disk(self, name: str, disk_id: str) -> DriverVm:
+        """Forget the disk; idempotent for a disk not attached."""
+        vm = self._get(name)
+        return self._set(replace(vm, disks=tuple(d for d in vm.disks if d.id != disk_id)))
 
     async def destroy(self, name: str) -> None:
         """Remove the VM (stopping it first is implied). Idempotent."""

@@ -124,8 +124,8 @@ def test_base_command_line_is_isolated_daemonized_and_has_every_run_file(
         ({"memory_mib": 1024}, "-m", ["size=1024M"]),
         ({"vnc_display": 0}, "-vnc", ["127.0.0.1:0"]),
         ({"name": "db-7"}, "-name", ["guest=db-7,debug-threads=on"]),
-        ({}, "-device", ["VGA"]),
-        ({"vga": False}, "-device", []),
+        ({"machine": "pc"}, "-device", ["VGA"]),
+        ({"machine": "pc", "vga": False}, "-device", []),
     ],
 )
 def test_hardware_options(
@@ -185,10 +185,18 @@ def test_disks_are_blockdev_json_with_explicit_format_and_file_nodes(
         },
     ]
     devices = [dict(parse_qemu_opts(v)) for v in values_of(argv, "-device")]
-    assert devices[1:] == [
-        {"": "virtio-blk-pci", "drive": "disk0", "id": "virtio-disk0"},
-        {"": "virtio-blk-pci", "drive": "disk1", "id": "virtio-disk1"},
+    # q35: one PCIe root port per disk slot, so every disk can be unplugged and more plugged.
+    ports = [d for d in devices if d[""] == "pcie-root-port"]
+    assert [p["id"] for p in ports] == [f"hotplug{i}" for i in range(MAX_DISKS)]
+    assert devices[-2:] == [
+        {"": "virtio-blk-pci", "drive": "disk0", "id": "virtio-disk0", "bus": "hotplug0"},
+        {"": "virtio-blk-pci", "drive": "disk1", "id": "virtio-disk1", "bus": "hotplug1"},
     ]
+    # No kernel to boot: the firmware boots the first disk.
+    argv = build_argv(make_config(disks=disks, boot=None))
+    assert "-kernel" not in argv
+    first = dict(parse_qemu_opts(values_of(argv, "-device")[-2]))
+    assert first["bootindex"] == "1"
 
 
 @pytest.mark.parametrize(

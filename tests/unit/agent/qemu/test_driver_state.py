@@ -66,7 +66,9 @@ async def test_define_persists_a_stopped_vm_with_its_boot_disks_and_vnc_display(
     assert driver.console_socket_path("web-1").name == "serial.sock"
     doc = handle_doc(state_dir, "web-1")
     assert doc["boot"] == {"kernel": str(boot.kernel), "initrd": None, "cmdline": "console=ttyS0"}
-    assert doc["disks"] == [{"path": str(disk), "format": "qcow2", "read_only": False}]
+    assert doc["disks"] == [
+        {"path": str(disk), "format": "qcow2", "read_only": False, "id": "", "slot": 0}
+    ]
     assert doc["power"] == "stopped" and doc["pid"] is None
     uuid.UUID(str(doc["uuid"]))
     # No temporary files are left next to the handle.

@@ -49,7 +49,10 @@ __all__ = [
     "GuestImage",
     "Machine",
     "QemuConfig",
+    "blockdev",
     "build_argv",
+    "disk_device",
+    "disk_slot",
     "load_guest_image",
     "opt_value",
     "validation_message",
@@ -137,11 +140,18 @@ class DirectKernelBoot(_Frozen):
 
 
 class DiskConfig(_Frozen):
-    """One virtio disk. ``format`` is always explicit: QEMU never probes an image's format."""
+    """One virtio disk. ``format`` is always explicit: QEMU never probes an image's format.
+
+    ``id`` names the disk for the agent (the volume's name); ``slot`` is the hot-plug port it
+    sits on (its QEMU node is ``disk<slot>``, its device ``virtio-disk<slot>``); unset, the
+    disk's position in the list.
+    """
 
     path: DiskPath
     format: DiskFormat
     read_only: bool = False
+    id: Annotated[str, Field(max_length=63)] = ""
+    slot: int | None = Field(default=None, ge=0, lt=MAX_DISKS)
 
 
 class GuestImage(_Frozen):
@@ -192,11 +202,21 @@ class QemuConfig(_Frozen):
     memory_mib: int = Field(ge=MIN_MEMORY_MIB, le=MAX_MEMORY_MIB)
     machine: Machine = "q35"
     accel: Accel
-    boot: DirectKernelBoot
+    # None: the firmware boots the first disk.
+    boot: DirectKernelBoot | None
     disks: tuple[DiskConfig, ...] = Field(default=(), max_length=MAX_DISKS)
     run_dir: CleanPath
     vnc_display: int = Field(ge=0, le=65535 - VNC_BASE_PORT)
     vga: bool = Field(default=True, description="a VGA card, so the VNC console shows a screen")
+
+    @model_validator(mode="after")
+    def _slots_distinct(self) -> QemuConfig:
+        slots = [disk_slot(i, d) for i, d in enumerate(self.disks)]
+        if len(set(slots)) != len(slots):
+            raise ValueError(f"disks: two disks share a slot ({slots})")
+        if self.boot is None and not self.disks:
+            raise ValueError("boot: no kernel to boot and no disk to boot from")
+        return self
 
     @model_validator(mode="after")
     def _sockets_fit(self) -> QemuConfig:
@@ -239,15 +259,35 @@ def validation_message(exc: ValidationError) -> str:
     return "; ".join(parts)
 
 
-def _blockdev(index: int, disk: DiskConfig) -> str:
-    """The ``-blockdev`` JSON of one disk: a format node over an explicit ``file`` node."""
-    node: dict[str, object] = {
-        "node-name": f"disk{index}",
+def disk_slot(index: int, disk: DiskConfig) -> int:
+    return disk.slot if disk.slot is not None else index
+
+
+def blockdev(slot: int, disk: DiskConfig) -> dict[str, object]:
+    """One disk's block node (``-blockdev`` / QMP ``blockdev-add``): a format node over an
+    explicit ``file`` node, so the image's header never picks a format or another file."""
+    return {
+        "node-name": f"disk{slot}",
         "driver": disk.format,
         "read-only": disk.read_only,
         "file": {"driver": "file", "filename": str(disk.path), "read-only": disk.read_only},
     }
-    return json.dumps(node, separators=(",", ":"))
+
+
+def disk_device(slot: int, machine: Machine, *, bootindex: int | None = None) -> dict[str, str]:
+    """The virtio-blk device of the disk in ``slot`` (``-device`` / QMP ``device_add``)."""
+    device = {"driver": "virtio-blk-pci", "drive": f"disk{slot}", "id": f"virtio-disk{slot}"}
+    if machine == "q35":
+        device["bus"] = f"hotplug{slot}"
+    if bootindex is not None:
+        device["bootindex"] = str(bootindex)
+    return device
+
+
+def _device_opts(device: dict[str, str]) -> str:
+    parts = [device["driver"]]
+    parts += [f"{k}={opt_value(v)}" for k, v in device.items() if k != "driver"]
+    return ",".join(parts)
 
 
 def build_argv(config: QemuConfig, *, binary: str = "qemu-system-x86_64") -> list[str]:
@@ -296,17 +336,28 @@ def build_argv(config: QemuConfig, *, binary: str = "qemu-system-x86_64") -> lis
     ]
     if config.vga:
         argv += ["-device", "VGA"]
-    argv += ["-kernel", str(config.boot.kernel)]
-    if config.boot.initrd is not None:
-        argv += ["-initrd", str(config.boot.initrd)]
-    if config.boot.cmdline:
-        argv += ["-append", config.boot.cmdline]
+    if config.machine == "q35":
+        # PCIe devices on the root complex cannot be unplugged: every disk gets a root port
+        # of its own (``hotplug<slot>``), and the free ones take hot-plugged disks.
+        for slot in range(MAX_DISKS):
+            argv += [
+                "-device",
+                f"pcie-root-port,id=hotplug{slot},chassis={slot + 1},bus=pcie.0",
+            ]
+    if config.boot is not None:
+        argv += ["-kernel", str(config.boot.kernel)]
+        if config.boot.initrd is not None:
+            argv += ["-initrd", str(config.boot.initrd)]
+        if config.boot.cmdline:
+            argv += ["-append", config.boot.cmdline]
     for index, disk in enumerate(config.disks):
+        slot = disk_slot(index, disk)
+        bootindex = 1 if config.boot is None and index == 0 else None
         argv += [
             "-blockdev",
-            _blockdev(index, disk),
+            json.dumps(blockdev(slot, disk), separators=(",", ":")),
             "-device",
-            f"virtio-blk-pci,drive=disk{index},id=virtio-disk{index}",
+            _device_opts(disk_device(slot, config.machine, bootindex=bootindex)),
         ]
     argv += ["-pidfile", str(config.pidfile), "-daemonize"]
     return argv

@@ -39,14 +39,17 @@ from typing import Any, Literal
 
 from pydantic import ValidationError
 
-from corral.agent.drivers.base import DriverVm, RuntimeState
+from corral.agent.drivers.base import DriverBoot, DriverDisk, DriverVm, RuntimeState
 from corral.agent.drivers.qemu.cmdline import (
+    MAX_DISKS,
     VNC_BASE_PORT,
     DirectKernelBoot,
     DiskConfig,
     Machine,
     QemuConfig,
+    blockdev,
     build_argv,
+    disk_device,
     validation_message,
 )
 from corral.agent.drivers.qemu.handle import (
@@ -85,6 +88,13 @@ _KILL_WAIT_S = 5.0
 _POWERDOWN_REPEAT_S = 5.0
 _MAX_VNC_DISPLAY = 999
 _LAUNCH_ATTEMPTS = 3
+_UNPLUG_WAIT_S = 30.0
+
+
+def _disk_config(disk: DriverDisk) -> DiskConfig:
+    return DiskConfig.model_validate(
+        {"path": disk.path, "format": disk.format, "read_only": disk.read_only, "id": disk.id}
+    )
 
 
 @dataclass(frozen=True)
@@ -334,7 +344,7 @@ class QemuDriver:
         name: str,
         *,
         accel: str,
-        boot: StoredBoot,
+        boot: StoredBoot | None,
         disks: Sequence[StoredDisk],
         spec_vcpus: int,
         spec_memory_mib: int,
@@ -353,7 +363,7 @@ class QemuDriver:
                     "memory_mib": spec_memory_mib,
                     "machine": machine,
                     "accel": accel,
-                    "boot": boot.model_dump(),
+                    "boot": boot.model_dump() if boot is not None else None,
                     "disks": [d.model_dump() for d in disks],
                     "run_dir": self._vm_dir(name),
                     "vnc_display": vnc_display,
@@ -436,6 +446,7 @@ class QemuDriver:
             extra[f"{EXTRA_PREFIX}pid"] = str(handle.pid)
         if handle.accel:
             extra[f"{EXTRA_PREFIX}accel"] = handle.accel
+        boot = handle.boot
         return DriverVm(
             name=handle.name,
             vm_id=handle.vm_id,
@@ -447,6 +458,15 @@ class QemuDriver:
             reboot_generation=handle.reboot_generation,
             message=runtime.message or handle.message,
             extra=extra,
+            disks=tuple(
+                DriverDisk(id=d.id, path=d.path, format=d.format, read_only=d.read_only)
+                for d in handle.disks
+            ),
+            boot=DriverBoot(
+                kernel=boot.kernel if boot else None,
+                initrd=boot.initrd if boot else None,
+                cmdline=boot.cmdline if boot else "",
+            ),
         )
 
     async def _current(self, name: str) -> DriverVm | None:
@@ -497,10 +517,30 @@ class QemuDriver:
         boot: DirectKernelBoot | None = None,
     ) -> DriverVm:
         """Create the VM stopped, with ``disks`` (virtio, in order: /dev/vda, /dev/vdb, ...) and
-        ``boot`` (default: the driver's). Everything is validated now (files exist, names,
-        socket path length). Idempotent for the same name and vm_id (the stored VM is returned
-        unchanged); raises DriverError when the name is taken by another vm_id."""
+        ``boot`` (default: the driver's). ``vm.disks`` and ``vm.boot`` are used when the keyword
+        arguments are not given (``vm.boot`` without a kernel boots the first disk). Everything
+        is validated now (files exist, names, socket path length). Idempotent for the same name
+        and vm_id (the stored VM is returned unchanged); raises DriverError when the name is
+        taken by another vm_id."""
         vm_dir = self._vm_dir(vm.name)
+        if not disks and vm.disks:
+            disks = [_disk_config(d) for d in vm.disks]
+        stored_boot: StoredBoot | None
+        if boot is not None:
+            stored_boot = StoredBoot.of(boot)
+        elif vm.boot is not None:
+            stored_boot = (
+                StoredBoot(kernel=vm.boot.kernel, initrd=vm.boot.initrd, cmdline=vm.boot.cmdline)
+                if vm.boot.kernel
+                else None
+            )
+        elif self.boot is not None:
+            stored_boot = StoredBoot.of(self.boot)
+        else:
+            raise DriverError(
+                f"qemu driver: vm {vm.name}: no boot source (pass boot= to define or to "
+                "QemuDriver, or give the vm an image)"
+            )
         async with self._lock(vm.name):
             existing = self._handles.get(vm.name)
             if existing is not None:
@@ -509,12 +549,6 @@ class QemuDriver:
                         f"qemu driver: vm {vm.name} is already defined with id {existing.vm_id}"
                     )
             else:
-                source = boot if boot is not None else self.boot
-                if source is None:
-                    raise DriverError(
-                        f"qemu driver: vm {vm.name}: no boot source (pass boot= to define or "
-                        "to QemuDriver)"
-                    )
                 handle = QemuHandle(
                     name=vm.name,
                     vm_id=vm.vm_id,
@@ -526,8 +560,8 @@ class QemuDriver:
                     extra={k: v for k, v in vm.extra.items() if not k.startswith(EXTRA_PREFIX)},
                     uuid=str(uuid.uuid4()),
                     machine=self.machine,
-                    boot=StoredBoot.of(source),
-                    disks=tuple(StoredDisk.of(d) for d in disks),
+                    boot=stored_boot,
+                    disks=tuple(StoredDisk.of(d, slot=i) for i, d in enumerate(disks)),
                     vnc_display=self._pick_display(vm.name),
                 )
                 self._handle_config(handle, "tcg")  # validate now, not at the first start
@@ -666,6 +700,81 @@ class QemuDriver:
             session = await self._session(handle)
             await (session.stop() if pause else session.cont())
             return self._driver_vm(name, await self._runtime(self._get(name)))
+
+    async def attach_disk(self, name: str, disk: DriverDisk) -> DriverVm:
+        """Add a disk on the lowest free slot: into the running guest (QMP ``blockdev-add`` +
+        ``device_add`` on its hot-plug port), or for the next start. Idempotent for a disk id
+        already attached."""
+        async with self._lock(name):
+            handle = self._get(name)
+            if any(d.id == disk.id for d in handle.disks):
+                return self._driver_vm(name, await self._runtime(handle))
+            used = {d.slot if d.slot is not None else i for i, d in enumerate(handle.disks)}
+            free = [slot for slot in range(MAX_DISKS) if slot not in used]
+            if not free:
+                raise DriverError(f"qemu driver: vm {name} already has {MAX_DISKS} disks")
+            slot = free[0]
+            config = self._disk_config_checked(name, disk, slot)
+            runtime = await self._runtime(handle)
+            if runtime.status is not None:
+                session = await self._session(handle)
+                node = blockdev(slot, config)
+                await session.execute("blockdev-add", node)
+                try:
+                    await session.execute("device_add", disk_device(slot, handle.machine))
+                except DriverError:
+                    await session.execute("blockdev-del", {"node-name": f"disk{slot}"})
+                    raise
+            handle = self._patch(name, disks=(*handle.disks, StoredDisk.of(config, slot=slot)))
+            return self._driver_vm(name, await self._runtime(handle))
+
+    async def detach_disk(self, name: str, disk_id: str) -> DriverVm:
+        """Remove a disk: from a running guest, ``device_del`` and wait (up to
+        ``_UNPLUG_WAIT_S``) for the guest to release it, then ``blockdev-del``; from a stopped
+        VM's definition at once. Idempotent for a disk not attached."""
+        async with self._lock(name):
+            handle = self._get(name)
+            index = next((i for i, d in enumerate(handle.disks) if d.id == disk_id), None)
+            if index is None:
+                return self._driver_vm(name, await self._runtime(handle))
+            stored = handle.disks[index]
+            slot = stored.slot if stored.slot is not None else index
+            runtime = await self._runtime(handle)
+            if runtime.status is not None:
+                session = await self._session(handle)
+                async with session.events(("DEVICE_DELETED",)) as events:
+                    await session.execute("device_del", {"id": f"virtio-disk{slot}"})
+                    await self._wait_unplugged(name, events, f"virtio-disk{slot}")
+                await session.execute("blockdev-del", {"node-name": f"disk{slot}"})
+            disks = tuple(d for d in handle.disks if d.id != disk_id)
+            handle = self._patch(name, disks=disks)
+            return self._driver_vm(name, await self._runtime(handle))
+
+    async def _wait_unplugged(self, name: str, events: Any, device: str) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + _UNPLUG_WAIT_S
+        while (remaining := deadline - loop.time()) > 0:
+            event = await events.next(remaining)
+            if event is not None and event.data.get("device") == device:
+                return
+        raise DriverError(
+            f"qemu driver: vm {name}: the guest did not release disk {device} within "
+            f"{_UNPLUG_WAIT_S:g} s (unmount it in the guest, or stop the vm and detach again)"
+        )
+
+    def _disk_config_checked(self, name: str, disk: DriverDisk, slot: int) -> DiskConfig:
+        try:
+            return DiskConfig.model_validate(
+                {
+                    "path": disk.path,
+                    "format": disk.format,
+                    "read_only": disk.read_only,
+                    "id": disk.id,
+                    "slot": slot,
+                }
+            )
+        except ValidationError as exc:
+            raise DriverError(f"qemu driver: vm {name}: disk: {validation_message(exc)}") from exc
 
     def console_log_path(self, name: str) -> Path:
         """The file every byte the guest printed on its serial console is appended to."""

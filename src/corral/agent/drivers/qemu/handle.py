@@ -68,10 +68,18 @@ class StoredDisk(_Stored):
     path: str
     format: Literal["qcow2", "raw"]
     read_only: bool = False
+    id: str = ""
+    slot: int | None = None
 
     @classmethod
-    def of(cls, disk: DiskConfig) -> StoredDisk:
-        return cls(path=str(disk.path), format=disk.format, read_only=disk.read_only)
+    def of(cls, disk: DiskConfig, slot: int | None = None) -> StoredDisk:
+        return cls(
+            path=str(disk.path),
+            format=disk.format,
+            read_only=disk.read_only,
+            id=disk.id,
+            slot=disk.slot if slot is None else slot,
+        )
 
 
 class QemuHandle(BaseModel):
@@ -91,7 +99,8 @@ class QemuHandle(BaseModel):
     extra: dict[str, str] = Field(default_factory=dict)
     uuid: str
     machine: Machine = "q35"
-    boot: StoredBoot
+    # None: the firmware boots the first disk.
+    boot: StoredBoot | None
     disks: tuple[StoredDisk, ...] = ()
     vnc_display: int
     power: Literal["running", "stopped"] = "stopped"
