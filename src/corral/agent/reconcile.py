@@ -109,8 +109,9 @@ class VmPlan:
 
 
 def hardware_changed(old: VmSpec, new: VmSpec) -> bool:
-    """True when the change needs a fresh boot to take effect (labels and power do not)."""
-    skip = {"labels", "power_state"}
+    """True when the change needs a fresh boot to take effect (labels, power and disks, which
+    are hot-plugged, do not)."""
+    skip = {"labels", "power_state", "disks"}
     return old.model_dump(exclude=skip) != new.model_dump(exclude=skip)
 
 

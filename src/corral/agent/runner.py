@@ -27,12 +27,13 @@ import random
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 
-from corral.agent.drivers.base import Driver, DriverVm
+from corral.agent.drivers.base import Driver, DriverBoot, DriverDisk, DriverVm
 from corral.agent.nodeapi import NodeService
 from corral.agent.reconcile import VmPlan, diff_vms, hardware_changed, plan_actions
+from corral.agent.storage import HostStorage
 from corral.errors import CorralError, DriverError
 from corral.model import Assignment, Inventory, VmObservation
-from corral.model.assignment import ObservedState
+from corral.model.assignment import AssignedDisk, ObservedState
 
 __all__ = ["NodeAgent"]
 
@@ -126,6 +127,7 @@ class NodeAgent:
         retry_max_s: float = 60.0,
         max_parallel: int = 8,
         stop_timeout_s: float = 60.0,
+        storage: HostStorage | None = None,
     ) -> None:
         """``keepalive_s`` defaults to ``lease_ttl_s / 3``. ``retry_initial_s`` and
         ``retry_max_s`` bound the backoff of server calls and of failed VM operations.
@@ -148,6 +150,7 @@ class NodeAgent:
         self._retry_initial_s = retry_initial_s
         self._retry_max_s = retry_max_s
         self._stop_timeout_s = stop_timeout_s
+        self._storage = storage
         self._sem = asyncio.Semaphore(max_parallel)
 
         self.last_pass_summary = ""
@@ -426,6 +429,7 @@ class NodeAgent:
             started_at=vm.started_at,
             message=message,
             runtime=dict(vm.extra),
+            volumes={d.id: d.path for d in vm.disks if d.id},
         )
 
     def _changed_observations(
@@ -509,6 +513,7 @@ class NodeAgent:
         if a is None:
             raise RuntimeError(f"plan step {step} of vm {name} needs an assignment")
         if step == "define":
+            disks = [await self._volume(d) for d in a.disks]
             return await self._driver.define(
                 DriverVm(
                     name=name,
@@ -516,11 +521,14 @@ class NodeAgent:
                     epoch=a.epoch,
                     spec=a.spec.model_copy(deep=True),
                     state="stopped",
+                    disks=tuple(disks),
+                    boot=await self._boot(a),
                 )
             )
         if vm is None:
             raise RuntimeError(f"plan step {step} of vm {name} needs a defined vm")
         if step == "update":
+            vm = await self._sync_disks(vm, a)
             message = vm.message
             keeps_running = vm.state == "running" and not {"start", "stop"} & set(plan.steps)
             if keeps_running and hardware_changed(vm.spec, a.spec):
@@ -546,6 +554,42 @@ class NodeAgent:
                 ),
             )
         raise RuntimeError(f"unknown plan step {step!r}")
+
+    async def _volume(self, disk: AssignedDisk) -> DriverDisk:
+        """The disk's file on this host, created now if it never existed anywhere."""
+        if self._storage is None:
+            raise DriverError(f"volume {disk.volume}: this host has no storage configured")
+        path = await self._storage.ensure_volume(disk)
+        return DriverDisk(id=disk.volume, path=str(path), format=disk.format)
+
+    async def _boot(self, a: Assignment) -> DriverBoot | None:
+        """The image's boot files on this host (fetched if needed); None: the driver's default."""
+        boot = a.boot
+        if boot is None:
+            return None
+        if boot.kernel is None:
+            return DriverBoot(kernel=None)
+        if self._storage is None:
+            raise DriverError(f"vm {a.vm}: this host has no storage for image files")
+        kernel = await self._storage.image_file(boot.kernel)
+        initrd = await self._storage.image_file(boot.initrd) if boot.initrd else None
+        return DriverBoot(
+            kernel=str(kernel), initrd=str(initrd) if initrd else None, cmdline=boot.cmdline
+        )
+
+    async def _sync_disks(self, vm: DriverVm, a: Assignment) -> DriverVm:
+        """Hot-plug (or, when stopped, re-define) the disks the assignment added or removed."""
+        want = [d.volume for d in a.disks]
+        for disk in vm.disks:
+            if disk.id and disk.id not in want:
+                log.info("node %s: detaching %s from vm %s", self.node_name, disk.id, vm.name)
+                vm = await self._driver.detach_disk(vm.name, disk.id)
+        have = {d.id for d in vm.disks}
+        for assigned in a.disks:
+            if assigned.volume not in have:
+                log.info("node %s: attaching %s to vm %s", self.node_name, assigned.volume, vm.name)
+                vm = await self._driver.attach_disk(vm.name, await self._volume(assigned))
+        return vm
 
     def _record_failure(
         self, plan: VmPlan, step: str, vm: DriverVm | None, exc: Exception

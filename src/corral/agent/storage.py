@@ -33,7 +33,7 @@ import shutil
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, cast
 
 from corral.errors import CorralError, DriverError, ValidationFailed
 from corral.model.assignment import AssignedDisk, AssignedImageFile
@@ -76,6 +76,12 @@ def _limit_resources() -> None:  # runs in the child between fork and exec
     resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
     cpu = IMAGE_PROBE_LIMITS["cpu_s"]
     resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu))
+
+
+def _open(path: Path, mode: str) -> BinaryIO:
+    """Open a file in binary mode (a file of an image or a volume: reads and writes of it
+    go through ``asyncio.to_thread``)."""
+    return cast(BinaryIO, open(path, mode))
 
 
 def _sha256_file(path: Path) -> str:
@@ -141,7 +147,9 @@ class HostStorage:
         except TimeoutError:
             proc.kill()
             await proc.wait()
-            raise StorageError(f"qemu-img {args[0]} took longer than {_QEMU_IMG_TIMEOUT_S:g} s")
+            raise StorageError(
+                f"qemu-img {args[0]} took longer than {_QEMU_IMG_TIMEOUT_S:g} s"
+            ) from None
         if proc.returncode != 0:
             text = err.decode(errors="replace").strip() or out.decode(errors="replace").strip()
             raise StorageError(f"qemu-img {args[0]} failed: {text}")
@@ -212,7 +220,7 @@ class HostStorage:
         digest = hashlib.sha256()
         size = 0
         try:
-            with open(tmp, "wb") as fh:
+            with _open(tmp, "wb") as fh:
                 async for chunk in chunks:
                     size += len(chunk)
                     if size > max_bytes:
@@ -255,9 +263,8 @@ class HostStorage:
         path = self.image_path(f)
         marker = path.with_name(f"{f.file}.sha256")
         async with self._lock(str(path)):
-            if path.is_file() and marker.is_file():
-                if marker.read_text().strip() == f.sha256:
-                    return path
+            if path.is_file() and marker.is_file() and marker.read_text().strip() == f.sha256:
+                return path
             if path.is_file():
                 sha = await asyncio.to_thread(_sha256_file, path)
                 if sha == f.sha256:
@@ -368,7 +375,7 @@ class HostStorage:
         """Grow a volume that no running VM uses (a running one is grown through QMP)."""
         await self._qemu_img("resize", "-q", "-f", "qcow2", str(path), f"{size_gib}G")
 
-    async def delete(self, path: Path) -> bool:
+    def delete(self, path: Path) -> bool:
         """Remove a volume's file; False when it was already gone."""
         try:
             path.unlink()
@@ -376,7 +383,7 @@ class HostStorage:
             return False
         return True
 
-    async def allocated_bytes(self, path: Path) -> int | None:
+    def allocated_bytes(self, path: Path) -> int | None:
         with contextlib.suppress(OSError):
             return path.stat().st_blocks * 512
         return None
@@ -384,7 +391,7 @@ class HostStorage:
 
 async def stream_file(path: Path, *, chunk: int = _CHUNK) -> AsyncIterator[bytes]:
     """A file's content in chunks, read off the event loop."""
-    with open(path, "rb") as fh:
+    with _open(path, "rb") as fh:
         while data := await asyncio.to_thread(fh.read, chunk):
             yield data
 

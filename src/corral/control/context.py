@@ -10,8 +10,8 @@ from corral.control.informer import Informer
 from corral.model import Assignment, Image, Node, Pool, Task, Vm, Volume
 from corral.model.common import ObjectMeta
 from corral.state import KV, Delete, Expect, Objects, Put, Store, keys
-from corral.state.objects import kind_of
 from corral.state.codec import decode
+from corral.state.objects import kind_of
 
 __all__ = ["ControlSettings", "LeaderContext"]
 

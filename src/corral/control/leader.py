@@ -26,6 +26,7 @@ _VMS = keys.kind_prefix("vms")
 _NODES = keys.kind_prefix("nodes")
 _TASKS = keys.kind_prefix("tasks")
 _ASSIGN = keys.PREFIX + "assign/"
+_VOLUMES = keys.kind_prefix("volumes")
 
 
 class LeaderLoops:
@@ -78,6 +79,11 @@ class LeaderLoops:
             self.nodes.add(keys.name_from_key(key))
         elif key.startswith(_ASSIGN):
             self.vms.add(keys.name_from_key(key))
+        elif key.startswith(_VOLUMES):
+            # The VM using the volume: its assignment says whether the file exists already.
+            volume = self.ctx.volume(keys.name_from_key(key))
+            if volume is not None and volume.status.attached_to:
+                self.vms.add(volume.status.attached_to)
 
     async def _expire_idempotency(self, _: str) -> Outcome:
         now = utcnow()

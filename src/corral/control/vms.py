@@ -3,15 +3,21 @@ and remove deleted VMs."""
 
 from __future__ import annotations
 
+import logging
+from dataclasses import replace
+
 from corral.control.context import LeaderContext
 from corral.control.queue import Outcome
-from corral.model import Assignment, Node, Vm
+from corral.model import Assignment, Image, Node, Pool, Vm, Volume
+from corral.model.assignment import AssignedBoot, AssignedDisk, AssignedImageFile
 from corral.model.common import utcnow
 from corral.scheduler import NodeView, Request, Snapshot, schedule
 from corral.state import Delete, Objects, Put, keys
 from corral.state.codec import encode
 
-__all__ = ["VmLoop", "cluster_snapshot"]
+__all__ = ["VmLoop", "assigned_disk", "cluster_snapshot", "image_file"]
+
+log = logging.getLogger(__name__)
 
 UNPLACED_RETRY_S = 10.0
 
@@ -41,8 +47,77 @@ def cluster_snapshot(ctx: LeaderContext) -> Snapshot:
     return Snapshot(tuple(views), s.cpu_allocation_ratio, s.memory_allocation_ratio)
 
 
-def desired_assignment(vm: Vm) -> Assignment:
+def image_file(image: Image, file: str) -> AssignedImageFile | None:
+    stored = image.status.files.get(file)
+    if stored is None:
+        return None
+    return AssignedImageFile(
+        image=image.name,
+        image_id=image.id,
+        file=file,
+        sha256=stored.sha256,
+        size_bytes=stored.size_bytes,
+        format=stored.format,
+    )
+
+
+def assigned_disk(volume: Volume, pool: Pool | None, image: Image | None) -> AssignedDisk:
+    """What a host needs to find, create, grow or remove the volume's file."""
+    return AssignedDisk(
+        volume=volume.name,
+        volume_id=volume.id,
+        file_name=volume.file_name,
+        pool=volume.spec.pool,
+        pool_path=pool.spec.path if pool else None,
+        shared=pool.spec.shared if pool else False,
+        size_gib=volume.spec.size_gib,
+        image=image_file(image, "disk") if image else None,
+        full_clone=volume.spec.full_clone,
+        created_on=volume.status.node if volume.status.state == "ready" else None,
+    )
+
+
+def resolve_disks(ctx: LeaderContext, vm: Vm) -> tuple[list[AssignedDisk], AssignedBoot | None]:
+    """What the VM's host needs to find or make each disk, and how the VM boots."""
+    disks: list[AssignedDisk] = []
+    for ref in vm.spec.disks:
+        volume = ctx.volume(ref.volume)
+        if volume is None:
+            log.warning("vm %s lists volume %s, which does not exist", vm.name, ref.volume)
+            continue
+        pool = ctx.pool(volume.spec.pool)
+        image = ctx.image(volume.spec.image) if volume.spec.image else None
+        disks.append(assigned_disk(volume, pool, image))
+    boot = None
+    image = ctx.image(vm.spec.image) if vm.spec.image else None
+    if image is not None:
+        if image.spec.boot == "direct-kernel":
+            boot = AssignedBoot(
+                kernel=image_file(image, "kernel"),
+                initrd=image_file(image, "initrd"),
+                cmdline=image.spec.cmdline,
+            )
+        else:
+            boot = AssignedBoot(kernel=None)
+    return disks, boot
+
+
+def volume_host(ctx: LeaderContext, vm: Vm) -> tuple[str, str] | None:
+    """(host, volume) when one of the VM's volumes lives on one host's own disk."""
+    for ref in vm.spec.disks:
+        volume = ctx.volume(ref.volume)
+        if volume is None or volume.status.node is None:
+            continue
+        pool = ctx.pool(volume.spec.pool)
+        if pool is not None and pool.spec.shared:
+            continue
+        return volume.status.node, volume.name
+    return None
+
+
+def desired_assignment(vm: Vm, ctx: LeaderContext) -> Assignment:
     assert vm.status.node is not None
+    disks, boot = resolve_disks(ctx, vm)
     return Assignment(
         vm=vm.name,
         vm_id=vm.id,
@@ -52,6 +127,8 @@ def desired_assignment(vm: Vm) -> Assignment:
         reboot_generation=vm.reboot_generation,
         force_stop=vm.force_stop,
         spec=vm.spec,
+        disks=disks,
+        boot=boot,
     )
 
 
@@ -70,11 +147,20 @@ class VmLoop:
         return await self._sync_assignment(vm)
 
     async def _place(self, vm: Vm) -> Outcome:
+        snapshot = cluster_snapshot(self.ctx)
+        pinned = volume_host(self.ctx, vm)
+        if pinned is not None:
+            # A volume on one host's own disk: the VM can run there only.
+            snapshot = replace(
+                snapshot, nodes=tuple(n for n in snapshot.nodes if n.name == pinned[0])
+            )
         plan = schedule(
-            cluster_snapshot(self.ctx),
+            snapshot,
             Request(vm=vm.name, vcpus=vm.spec.vcpus, memory_mib=vm.spec.memory_mib),
         )
         message = plan.explain()
+        if pinned is not None:
+            message = f"volume {pinned[1]} lives on host {pinned[0]}: {message}"
         if plan.node is None:
             if vm.status.message != message or vm.status.state != "pending":
                 vm.status.state = "pending"
@@ -87,7 +173,7 @@ class VmLoop:
         vm.status.state = "starting" if vm.spec.power_state == "running" else "pending"
         vm.status.message = message
         vm.updated_at = utcnow()
-        assignment = desired_assignment(vm)
+        assignment = desired_assignment(vm, self.ctx)
         await self.ctx.commit(
             [
                 Objects.put(vm),
@@ -99,7 +185,7 @@ class VmLoop:
 
     async def _sync_assignment(self, vm: Vm) -> Outcome:
         assert vm.status.node is not None
-        want = desired_assignment(vm)
+        want = desired_assignment(vm, self.ctx)
         have = self.ctx.assignment(vm.status.node, vm.name)
         if have is not None and have[0] == want:
             return Outcome()

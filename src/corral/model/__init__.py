@@ -5,8 +5,6 @@ from corral.model.cluster import ClusterConfig, ClusterInfo, LeaderRecord
 from corral.model.common import Labels, Name, new_id, rfc3339, utcnow
 from corral.model.idempotency import IdempotencyRecord
 from corral.model.node import Allocated, Inventory, Node, NodeSpec, NodeStatus
-from corral.model.task import FINAL_TASK_STATES, Step, Target, Task, TaskSpec, TaskStatus
-from corral.model.token import Token, TokenCreate, TokenSpec, TokenStatus
 from corral.model.storage import (
     Image,
     ImageCreate,
@@ -20,19 +18,21 @@ from corral.model.storage import (
     VolumeSpec,
     VolumeStatus,
 )
+from corral.model.task import FINAL_TASK_STATES, Step, Target, Task, TaskSpec, TaskStatus
+from corral.model.token import Token, TokenCreate, TokenSpec, TokenStatus
 from corral.model.vm import Vm, VmCreate, VmDisk, VmSpec, VmStatus
 
 __all__ = [
     "FINAL_TASK_STATES",
     "Allocated",
     "Assignment",
+    "ClusterConfig",
+    "ClusterInfo",
+    "IdempotencyRecord",
     "Image",
     "ImageCreate",
     "ImageSpec",
     "ImageStatus",
-    "ClusterConfig",
-    "ClusterInfo",
-    "IdempotencyRecord",
     "Inventory",
     "Labels",
     "LeaderRecord",

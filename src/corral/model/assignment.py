@@ -56,11 +56,12 @@ class AssignedDisk(BaseModel):
 
 
 class AssignedBoot(BaseModel):
-    """Direct kernel boot from an image's kernel (and initrd)."""
+    """How the VM boots: its image's kernel (and initrd), or the firmware from the first disk
+    (``kernel`` None)."""
 
     model_config = ConfigDict(extra="forbid")
 
-    kernel: AssignedImageFile
+    kernel: AssignedImageFile | None = None
     initrd: AssignedImageFile | None = None
     cmdline: str = ""
 

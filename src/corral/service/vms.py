@@ -6,15 +6,17 @@ act on them, and the task records what happened.
 
 from __future__ import annotations
 
+import builtins
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from corral.errors import Conflict, NotFound, PreconditionFailed, ValidationFailed
-from corral.model import Task, Vm, VmCreate, VmSpec, VmStatus, new_id, utcnow
+from corral.model import Image, Task, Vm, VmCreate, VmDisk, VmSpec, VmStatus, Volume, new_id, utcnow
 from corral.model.common import Strict, labels_match, merge_patch, parse_label_selector
-from corral.model.vm import VM_STATES
+from corral.model.vm import MAX_DISKS, VM_STATES
 from corral.service.context import RequestMeta, ServiceContext
 from corral.service.idempotency import IdempotencyGuard
+from corral.service.storage import VolumeService
 from corral.service.tasks import new_task
 from corral.service.validate import parse
 from corral.state import Expect, Objects, Put
@@ -116,6 +118,7 @@ class VmService:
             spec=req.spec(),
             status=VmStatus(state="pending", message="waiting for placement"),
         )
+        volume_ops, volume_expect = await self._volumes_for(req, vm)
         expected = vm.spec.power_state
         task = new_task(
             self.ctx,
@@ -127,11 +130,12 @@ class VmService:
         ops: list[Put] = [
             Objects.put(vm),
             Objects.put(task),
+            *volume_ops,
             *guard.ops(202, {"vm": vm.name, "task": task.id}),
         ]
         try:
             rev = await self.ctx.store.commit(
-                ops, [Objects.expect_missing(Vm, vm.name), *guard.expect()]
+                ops, [Objects.expect_missing(Vm, vm.name), *volume_expect, *guard.expect()]
             )
         except Conflict:
             replay = await guard.replay()
@@ -143,6 +147,63 @@ class VmService:
         for obj in (vm, task):
             obj.create_revision = obj.mod_revision = rev
         return Accepted(vm, task)
+
+    async def _volumes_for(
+        self, req: VmCreate, vm: Vm
+    ) -> tuple[builtins.list[Put], builtins.list[Expect]]:
+        """The boot volume made from ``image`` and the listed volumes, attached to ``vm``."""
+        ops: builtins.list[Put] = []
+        expect: builtins.list[Expect] = []
+        if req.image is not None and not any(d.volume == f"{req.name}-disk0" for d in req.disks):
+            boot_name = f"{req.name}-disk0"
+            if len(boot_name) > 63:
+                raise ValidationFailed.one(
+                    "name", "max-length", "with image, at most 57 characters (<name>-disk0)"
+                )
+            boot, _, _ = await VolumeService(self.ctx).new_volume(
+                boot_name,
+                pool=req.pool,
+                size_gib=req.disk_gib,
+                image=req.image,
+                full_clone=req.full_clone,
+                labels={},
+            )
+            boot.status.attached_to = vm.name
+            ops.append(Objects.put(boot))
+            expect.append(Objects.expect_missing(Volume, boot_name))
+            vm.spec.disks.insert(0, VmDisk(volume=boot_name))
+            if len(vm.spec.disks) > MAX_DISKS:
+                raise ValidationFailed.one("disks", "max-length", f"at most {MAX_DISKS} disks")
+        elif req.image is not None or req.disk_gib is not None:
+            if req.image is None:
+                raise ValidationFailed.one("disk_gib", "image", "disk_gib needs an image")
+            image = await self.ctx.objects.find(Image, req.image)
+            if image is None:
+                raise ValidationFailed.one("image", "exists", f"no image {req.image!r}")
+        for i, ref in enumerate(req.disks):
+            volume = await self.ctx.objects.find(Volume, ref.volume)
+            if volume is None:
+                raise ValidationFailed.one(
+                    f"disks.{i}.volume",
+                    "exists",
+                    f"no volume {ref.volume!r}; see `corral volume ls`",
+                )
+            if volume.status.attached_to or volume.status.state not in ("pending", "ready"):
+                raise ValidationFailed.one(
+                    f"disks.{i}.volume",
+                    "available",
+                    f"volume {ref.volume!r} is "
+                    + (
+                        f"attached to vm {volume.status.attached_to}"
+                        if volume.status.attached_to
+                        else volume.status.state
+                    ),
+                )
+            volume.status.attached_to = vm.name
+            volume.updated_at = utcnow()
+            ops.append(Objects.put(volume))
+            expect.append(Objects.expect_unchanged(volume))
+        return ops, expect
 
     async def _replayed(self, refs: dict[str, Any]) -> Accepted:
         task = await self.ctx.objects.get(Task, str(refs["task"]))
@@ -187,8 +248,18 @@ class VmService:
 
     # -- actions ---------------------------------------------------------------------------
 
-    async def act(self, name: str, action: Action, body: Any, meta: RequestMeta) -> Accepted:
-        """start / stop / reboot / delete: bump the VM's intent generation and add a task."""
+    async def act(
+        self,
+        name: str,
+        action: Action,
+        body: Any,
+        meta: RequestMeta,
+        *,
+        with_disks: bool = False,
+    ) -> Accepted:
+        """start / stop / reboot / delete: bump the VM's intent generation and add a task.
+
+        ``delete`` with ``with_disks`` also removes the VM's volumes once the VM is gone."""
         force = False
         if action == "stop" and body not in (None, {}):
             force = parse(StopBody, body).force
@@ -225,14 +296,27 @@ class VmService:
             if force:
                 params["force"] = True
             task = new_task(self.ctx, meta, action, name, params)
+            disk_ops: builtins.list[Put] = []
+            disk_expect: builtins.list[Expect] = []
+            if action == "delete" and with_disks:
+                for ref in vm.spec.disks:
+                    volume = await self.ctx.objects.find(Volume, ref.volume)
+                    if volume is None or volume.status.state == "deleting":
+                        continue
+                    volume.status.state = "deleting"
+                    volume.status.message = f"removed once vm {name} is gone"
+                    volume.updated_at = utcnow()
+                    disk_ops.append(Objects.put(volume))
+                    disk_expect.append(Objects.expect_unchanged(volume))
             try:
                 rev = await self.ctx.store.commit(
                     [
                         Objects.put(vm),
                         Objects.put(task),
+                        *disk_ops,
                         *guard.ops(202, {"vm": name, "task": task.id}),
                     ],
-                    [self._expect(vm, meta), *guard.expect()],
+                    [self._expect(vm, meta), *disk_expect, *guard.expect()],
                 )
             except Conflict:
                 replay = await guard.replay()
