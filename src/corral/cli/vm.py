@@ -31,6 +31,7 @@ from corral.cli.render import (
     short_id,
     state_cell,
 )
+from corral.cli.storage import parse_gib
 from corral.cli.waiting import finish_action
 from corral.client import ActionResult, ApiObject, NotFound
 
@@ -189,6 +190,12 @@ def vm_show(ctx: typer.Context, name: NameArg, output: OutputOpt = None) -> None
         ("vCPUs", cell(dig(vm, "spec", "vcpus"))),
         ("Memory", cell(fmt_mib(dig(vm, "spec", "memory_mib")))),
         ("Labels", cell(fmt_labels(dig(vm, "spec", "labels")))),
+        ("Image", cell(dig(vm, "spec", "image"))),
+        ("Disks", cell(", ".join(str(d.get("volume")) for d in dig(vm, "spec", "disks") or []))),
+        ("PID", cell(dig(vm, "status", "runtime", "qemu.pid"))),
+        ("QEMU", cell(dig(vm, "status", "runtime", "qemu.version"))),
+        ("Accel", cell(dig(vm, "status", "runtime", "qemu.accel"))),
+        ("VNC", cell(dig(vm, "status", "runtime", "qemu.vnc"))),
         ("Started", cell(fmt_time(dig(vm, "status", "started_at"), now))),
         ("Generation", cell(f"{generation} (observed {observed})" if generation else None)),
         ("Revision", cell(f"{vm.get('mod_revision')} (created at {vm.get('create_revision')})")),
@@ -208,6 +215,28 @@ def vm_create(
     start: Annotated[
         bool, typer.Option("--start/--no-start", help="Start the VM once it is created.")
     ] = True,
+    image: Annotated[
+        str | None,
+        typer.Option("--image", help="Boot from a copy of this image (`corral image ls`)."),
+    ] = None,
+    disk: Annotated[
+        int | None,
+        typer.Option(
+            "--disk",
+            parser=parse_gib,
+            metavar="SIZE",
+            help="Size of the boot disk made from --image: 10G (default: the image's size).",
+            show_default=False,
+        ),
+    ] = None,
+    full: Annotated[
+        bool, typer.Option("--full", help="A full copy of the image instead of a linked clone.")
+    ] = False,
+    pool: Annotated[str, typer.Option("--pool", help="Pool of the boot disk.")] = "local",
+    volume: Annotated[
+        list[str] | None,
+        typer.Option("--volume", help="Attach this existing volume too; repeatable."),
+    ] = None,
     wait: WaitOpt = True,
     timeout: TimeoutOpt = None,
     output: OutputOpt = None,
@@ -215,6 +244,14 @@ def vm_create(
     """Create a VM (and start it, unless --no-start); waits for the task by default."""
     state = get_state(ctx)
     spec: dict[str, Any] = {"name": name, "power_state": "running" if start else "stopped"}
+    if image is not None:
+        spec["image"] = image
+        spec["pool"] = pool
+        spec["full_clone"] = full
+    if disk is not None:
+        spec["disk_gib"] = disk
+    if volume:
+        spec["disks"] = [{"volume": v} for v in volume]
     if vcpus is not None:
         spec["vcpus"] = vcpus
     if memory is not None:
@@ -344,18 +381,22 @@ def vm_delete(
     ctx: typer.Context,
     name: NameArg,
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
+    with_disks: Annotated[
+        bool, typer.Option("--with-disks", help="Delete its volumes too (else they are kept).")
+    ] = False,
     wait: WaitOpt = True,
     timeout: TimeoutOpt = None,
     output: OutputOpt = None,
 ) -> None:
-    """Delete a VM and its resources (asks first unless --yes)."""
+    """Delete a VM (asks first unless --yes); its volumes stay unless --with-disks."""
     state = get_state(ctx)
     if not yes:
         vm = state.client().get_vm(name)  # a missing VM exits 3 before any question
         where = dig(vm, "status", "node")
         detail = f" ({dig(vm, 'status', 'state')}" + (f" on {where})" if where else ")")
-        typer.confirm(f"delete vm {name}{detail}?", abort=True, err=True)
-    result = state.client().delete_vm(name)
+        also = " and its disks" if with_disks else ""
+        typer.confirm(f"delete vm {name}{detail}{also}?", abort=True, err=True)
+    result = state.client().delete_vm(name, with_disks=with_disks)
 
     def deleted(vm: ApiObject | None, task: ApiObject | None) -> str:
         suffix = f" (task {short_id(task.get('id'))})" if task is not None else ""

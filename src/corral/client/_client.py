@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from types import TracebackType
 from typing import Any, cast
 from urllib.parse import quote
@@ -394,13 +394,15 @@ class CorralClient:
         wait: bool = False,
         timeout: float | None = None,
         if_match: int | str | None = None,
+        with_disks: bool = False,
     ) -> ActionResult:
-        """Delete a VM: returns the object and the deleting task (see `create_vm` for `wait`)."""
+        """Delete a VM: returns the object and the deleting task (see `create_vm` for `wait`).
+        `with_disks` also deletes its volumes once the VM is gone."""
         headers = {"If-Match": if_match_value(if_match)} if if_match is not None else None
         response = self._send(
             "DELETE",
             f"{_API}/vms/{_seg(name)}",
-            params=self._wait_params(wait, timeout),
+            params={**self._wait_params(wait, timeout), **_params(with_disks=with_disks or None)},
             headers=headers,
             wait_timeout=timeout,
             waits=wait,
@@ -427,6 +429,95 @@ class CorralClient:
             params=self._wait_params(wait, timeout),
             body=dict(body) if body is not None else None,
             headers=headers,
+            wait_timeout=timeout,
+            waits=wait,
+        )
+        return self._action_result(response)
+
+    # -- storage -----------------------------------------------------------------------------
+
+    def list_objects(self, kind: str, **filters: str | None) -> Page:
+        """One list of `pools`, `volumes` or `images` (these lists are not paginated)."""
+        return self._page(f"{_API}/{_seg(kind)}", _params(**filters))
+
+    def get_object(self, kind: str, name: str) -> ApiObject:
+        return self._get(f"{_API}/{_seg(kind)}/{_seg(name)}")
+
+    def create_object(self, kind: str, body: Mapping[str, Any]) -> ApiObject:
+        """`POST /api/v1/{kind}`: a pool, volume or image record (201, or 202 while an image
+        downloads)."""
+        return self._object(self._send("POST", f"{_API}/{_seg(kind)}", body=dict(body)))
+
+    def patch_object(self, kind: str, name: str, patch: Mapping[str, Any]) -> ApiObject:
+        response = self._send(
+            "PATCH",
+            f"{_API}/{_seg(kind)}/{_seg(name)}",
+            body=dict(patch),
+            content_type=_MERGE_PATCH,
+        )
+        return self._object(response)
+
+    def delete_object(
+        self, kind: str, name: str, *, wait: bool = False, timeout: float | None = None
+    ) -> ApiObject:
+        """Delete a pool, volume or image; a volume goes through the leader (`wait` returns
+        once it is gone: `{"deleted": name}`)."""
+        response = self._send(
+            "DELETE",
+            f"{_API}/{_seg(kind)}/{_seg(name)}",
+            params=self._wait_params(wait, timeout),
+            wait_timeout=timeout,
+            waits=wait,
+        )
+        return self._object(response)
+
+    def upload_image_file(
+        self,
+        name: str,
+        file: str,
+        chunks: Iterable[bytes],
+        *,
+        sha256: str | None = None,
+    ) -> ApiObject:
+        """Stream one file of an image (`disk`, `kernel` or `initrd`) to the server; with
+        `sha256` the server checks the content before keeping it."""
+        headers = {"Content-Type": "application/octet-stream"}
+        if sha256:
+            headers["X-Content-SHA256"] = sha256
+        try:
+            response = self._http.put(
+                f"{_API}/images/{_seg(name)}/files/{_seg(file)}",
+                content=chunks,
+                headers=headers,
+                timeout=httpx.Timeout(self._timeout, read=600.0, write=600.0),
+            )
+        except httpx.HTTPError as exc:
+            raise error_from_transport(exc, self._base_url, self._timeout) from exc
+        if response.is_error:
+            raise error_from_response(response)
+        return self._object(response)
+
+    def attach_disk(
+        self, vm: str, volume: str, *, wait: bool = False, timeout: float | None = None
+    ) -> ActionResult:
+        """Attach a volume to a VM (hot-plugged when it runs); returns the VM and the task."""
+        response = self._send(
+            "POST",
+            f"{_API}/vms/{_seg(vm)}/disks",
+            params=self._wait_params(wait, timeout),
+            body={"volume": volume},
+            wait_timeout=timeout,
+            waits=wait,
+        )
+        return self._action_result(response)
+
+    def detach_disk(
+        self, vm: str, volume: str, *, wait: bool = False, timeout: float | None = None
+    ) -> ActionResult:
+        response = self._send(
+            "DELETE",
+            f"{_API}/vms/{_seg(vm)}/disks/{_seg(volume)}",
+            params=self._wait_params(wait, timeout),
             wait_timeout=timeout,
             waits=wait,
         )

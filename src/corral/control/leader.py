@@ -13,6 +13,7 @@ from corral.control.nodes import NodeHealthLoop
 from corral.control.queue import Outcome, WorkQueue
 from corral.control.tasks import TaskLoop
 from corral.control.vms import VmLoop
+from corral.control.volumes import VolumeLoop
 from corral.errors import CorralError
 from corral.model import IdempotencyRecord, utcnow
 from corral.state import Delete, Store, keys
@@ -46,6 +47,7 @@ class LeaderLoops:
         self.nodes = WorkQueue("node", NodeHealthLoop(self.ctx).reconcile)
         self.expiry = WorkQueue("expiry", self._expire_idempotency)
         self.membership = WorkQueue("membership", MembershipLoop(self.ctx).reconcile)
+        self.volumes = WorkQueue("volume", VolumeLoop(self.ctx).reconcile)
         self.gossip = (
             WorkQueue("gossip", GossipLoop(self.ctx, gossip_view).reconcile)
             if gossip_view is not None
@@ -80,8 +82,10 @@ class LeaderLoops:
         elif key.startswith(_ASSIGN):
             self.vms.add(keys.name_from_key(key))
         elif key.startswith(_VOLUMES):
+            name = keys.name_from_key(key)
+            self.volumes.add(name)
             # The VM using the volume: its assignment says whether the file exists already.
-            volume = self.ctx.volume(keys.name_from_key(key))
+            volume = self.ctx.volume(name)
             if volume is not None and volume.status.attached_to:
                 self.vms.add(volume.status.attached_to)
 
@@ -117,7 +121,7 @@ class LeaderLoops:
             tg.create_task(self.informer.run(), name="informer")
             await self.informer.synced.wait()
             log.info("leader loops running (term %d)", self.ctx.term)
-            for q in (self.vms, self.tasks, self.nodes, self.expiry, self.membership):
+            for q in (self.vms, self.tasks, self.nodes, self.expiry, self.membership, self.volumes):
                 tg.create_task(q.run(), name=f"queue-{q.name}")
             self.expiry.add("idempotency")
             if self.ctx.settings.manage_etcd:

@@ -23,6 +23,8 @@ _STEPS: dict[str, list[str]] = {
     "stop": ["accepted", "applied on node"],
     "reboot": ["accepted", "applied on node"],
     "delete": ["accepted", "removed from node", "forgotten"],
+    "attach-disk": ["accepted", "applied on node"],
+    "detach-disk": ["accepted", "applied on node"],
 }
 
 

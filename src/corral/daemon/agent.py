@@ -13,17 +13,20 @@ import contextlib
 import logging
 import os
 import signal
-from collections.abc import Generator
+from collections.abc import AsyncIterator, Awaitable, Generator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import uvicorn
+from pydantic import ValidationError
 
 from corral.agent.drivers import Driver, QemuDriver
 from corral.agent.inventory import collect_inventory
 from corral.agent.nodeapi import NodeService as NodeServiceProtocol
 from corral.agent.remote import RemoteNodeService
 from corral.agent.runner import NodeAgent
+from corral.agent.storage import GIB, HostStorage
 from corral.api.grpc.node import start_grpc_server
 from corral.api.rest.app import ApiServices, create_app
 from corral.api.rest.proxy import create_proxy_app
@@ -34,13 +37,15 @@ from corral.control import ControlSettings, run_leader
 from corral.daemon.drivers import DriverSetupError, build_driver
 from corral.daemon.identity import ClusterIdentity, JoinRefused, request_join
 from corral.daemon.settings import AgentSettings
-from corral.errors import Conflict, CorralError, DriverError
+from corral.errors import Conflict, CorralError, DriverError, Malformed, Unavailable
 from corral.model import ClusterConfig, ClusterInfo, Node, new_id, utcnow
+from corral.model.assignment import AssignedDisk, AssignedImageFile
 from corral.service.console import ConsoleService
 from corral.service.context import ServiceContext, ServiceSettings
 from corral.service.join import JoinService
 from corral.service.node_api import LocalNodeService
 from corral.service.nodes import ClusterService, NodeService
+from corral.service.storage import ImageService, PoolService, VolumeService
 from corral.service.tasks import TaskService
 from corral.service.tokens import TokenService
 from corral.service.vms import VmService
@@ -108,11 +113,22 @@ class Agent:
         self.election: LeaderElection | None = None
         self.remote: RemoteNodeService | None = None
         self.driver: Driver | None = None
+        self.storage: HostStorage | None = None
         self._stop = asyncio.Event()
         self._background: set[asyncio.Task[None]] = set()
 
     def request_stop(self) -> None:
         self._stop.set()
+
+    def _spawn(self, work: Awaitable[None]) -> None:
+        """Run ``work`` in the background (an image download); cancelled at shutdown."""
+
+        async def run() -> None:
+            await work
+
+        task = asyncio.create_task(run(), name="background")
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     # -- becoming a member -------------------------------------------------------------------
 
@@ -261,6 +277,59 @@ class Agent:
 
     # -- consoles ----------------------------------------------------------------------------
 
+    async def _fetch_image_file(self, f: AssignedImageFile) -> AsyncIterator[bytes]:
+        """An image file's bytes from the first server that serves them."""
+        urls = [self.s.api_url] if self.store is not None else []
+        urls += self.identity.server_api_urls if self.identity else []
+        errors = []
+        for base in dict.fromkeys(urls):
+            url = f"{base.rstrip('/')}/api/v1/images/{f.image}/files/{f.file}"
+            try:
+                async with (
+                    httpx.AsyncClient(timeout=httpx.Timeout(30.0, read=120.0)) as client,
+                    client.stream("GET", url) as resp,
+                ):
+                    if resp.status_code != 200:
+                        errors.append(f"{base} answered {resp.status_code}")
+                        continue
+                    async for chunk in resp.aiter_bytes():
+                        yield chunk
+                    return
+            except httpx.HTTPError as exc:
+                errors.append(f"{base}: {exc or type(exc).__name__}")
+        raise Unavailable("no server served it: " + "; ".join(errors or ["no server known"]))
+
+    async def local_storage(self, op: dict[str, Any]) -> dict[str, Any]:
+        """One storage operation on this host's own disks (see ``api/rest/storage.py``)."""
+        storage = self.storage
+        if storage is None:
+            raise Unavailable("this host's storage is not ready yet")
+        kind = op.get("op")
+        try:
+            disk = AssignedDisk.model_validate(op.get("disk"))
+        except ValidationError as exc:
+            raise Malformed(f"disk: {exc}") from None
+        path = storage.volume_path(disk)
+        if kind == "create":
+            path = await storage.ensure_volume(disk)
+            return {"path": str(path), "allocated_bytes": storage.allocated_bytes(path)}
+        if kind == "resize":
+            size_gib = op.get("size_gib")
+            if not isinstance(size_gib, int) or size_gib < disk.size_gib:
+                raise Malformed("size_gib: must be an integer, at least the current size")
+            vm = op.get("vm")
+            grown = False
+            if isinstance(vm, str) and isinstance(self.driver, QemuDriver):
+                with contextlib.suppress(DriverError):
+                    if vm in {v.name for v in await self.driver.list()}:
+                        grown = await self.driver.resize_disk(vm, disk.volume, size_gib * GIB)
+            if not grown:
+                await storage.resize(path, size_gib)
+            return {"path": str(path), "size_gib": size_gib, "online": grown}
+        if kind == "delete":
+            return {"deleted": storage.delete(path), "path": str(path)}
+        raise Malformed(f"op: must be create, resize or delete, not {kind!r}")
+
     async def local_console(self, name: str, max_bytes: int) -> bytes | None:
         """The tail of a VM's console log on this host; None when it has none here."""
         if not isinstance(self.driver, QemuDriver):
@@ -297,6 +366,7 @@ class Agent:
         except DriverSetupError as exc:
             raise AgentStartError(str(exc)) from exc
         identity = self.identity = await self._identity()
+        storage = self.storage = HostStorage(self.data_dir, fetch=self._fetch_image_file)
         tasks: list[asyncio.Task[Any]] = []
         grpc_server = None
         if identity.role == "server":
@@ -307,6 +377,10 @@ class Agent:
             except CorralError as exc:
                 raise AgentStartError(f"cannot reach etcd: {exc}") from exc
             ctx = ServiceContext(store, ServiceSettings(task_timeout_s=s.task_timeout_s))
+            try:
+                await PoolService(ctx).ensure_default()
+            except CorralError as exc:
+                raise AgentStartError(f"cannot reach etcd: {exc}") from exc
             app = create_app(
                 ApiServices(
                     vms=VmService(ctx),
@@ -317,6 +391,17 @@ class Agent:
                     join=JoinService(ctx),
                     console=ConsoleService(ctx, s.name, self.local_console),
                     readiness=self.readiness,
+                    pools=PoolService(ctx),
+                    volumes=VolumeService(ctx),
+                    images=ImageService(
+                        ctx,
+                        s.name,
+                        storage,
+                        max_bytes=s.image_max_gib * GIB,
+                        allow_private_urls=s.image_allow_private_urls,
+                        spawn=self._spawn,
+                    ),
+                    local_storage=self.local_storage,
                 )
             )
             local = LocalNodeService(ctx)
@@ -338,7 +423,10 @@ class Agent:
             )
             node_service = self.remote
             app = create_proxy_app(
-                lambda: identity.server_api_urls, self.readiness, self.local_console
+                lambda: identity.server_api_urls,
+                self.readiness,
+                self.local_console,
+                local_storage=self.local_storage,
             )
 
         try:
@@ -365,6 +453,7 @@ class Agent:
             roles=["server", "compute"] if identity.role == "server" else ["compute"],
             inventory=collect_inventory(self.data_dir, driver.name),
             lease_ttl_s=s.lease_ttl_s,
+            storage=storage,
         )
         server = _ApiServer(
             uvicorn.Config(

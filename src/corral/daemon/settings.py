@@ -111,6 +111,15 @@ class AgentSettings:
     task_timeout_s: float = field(
         default=600.0, metadata=_doc("a task that has not ended after this many seconds fails")
     )
+    image_max_gib: int = field(
+        default=20, metadata=_doc("the largest image file a server accepts (upload or download)")
+    )
+    image_allow_private_urls: bool = field(
+        default=False,
+        metadata=_doc(
+            "let `image import --url` fetch from private/loopback addresses (labs and tests only)"
+        ),
+    )
     guest_image: str = field(
         default="",
         metadata=_doc(

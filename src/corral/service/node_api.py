@@ -21,6 +21,7 @@ from corral.model import (
     NodeStatus,
     Vm,
     VmObservation,
+    Volume,
     new_id,
     utcnow,
 )
@@ -170,6 +171,27 @@ class LocalNodeService:
                 await self.ctx.objects.update(Vm, obs.vm, observe)
             except NotFound:
                 log.info("report about vm %s, which no longer exists", obs.vm)
+                continue
+            for volume, path in obs.volumes.items():
+                await self._volume_made(node, volume, path)
+
+    async def _volume_made(self, node: str, name: str, path: str) -> None:
+        """Record that the volume's file exists on ``node`` (once: later reports change
+        nothing)."""
+
+        def made(volume: Volume) -> Volume | None:
+            st = volume.status
+            if st.state == "ready" and st.path == path:
+                return None
+            if st.state not in ("pending", "creating", "ready"):
+                return None
+            st.state, st.node, st.path, st.message = "ready", node, path, ""
+            return volume
+
+        try:
+            await self.ctx.objects.update(Volume, name, made)
+        except NotFound:
+            log.info("report about volume %s, which no longer exists", name)
 
     async def report_gone(self, node: str, vm: str, vm_id: str, epoch: int) -> None:
         current = await self.ctx.objects.find(Vm, vm)

@@ -642,15 +642,25 @@ class ImageService:
                 current.status.message = f"download failed: {detail}"
                 await self.ctx.store.commit([Objects.put(current)])
 
-    async def open_file(self, name: str, file: str) -> tuple[Path | None, Image, str]:
-        """(local path or None, image, node holding the file)."""
+    async def open_file(self, name: str, file: str) -> tuple[Path | None, str, str]:
+        """(the file's path when this host holds it, else None; the host holding it; that
+        host's API address)."""
         image = await self.get(name)
         stored = image.status.files.get(file)
         if stored is None:
             raise NotFound(f"image {name!r} has no {file}")
         if stored.node == self.node and self.store is not None:
-            return self.store.open_image_file(image.name, image.id, file), image, stored.node
-        return None, image, stored.node
+            path = self.store.open_image_file(image.name, image.id, file)
+            if path is None:
+                raise NotFound(f"image {name!r}: its {file} is missing on {self.node}")
+            return path, stored.node, ""
+        holder = await self.ctx.objects.find(Node, stored.node)
+        if holder is None:
+            raise NotFound(
+                f"image {name!r}: host {stored.node}, which holds its {file}, left the cluster; "
+                "import the image again"
+            )
+        return None, stored.node, holder.status.address
 
     async def delete(self, name: str) -> Image:
         image = await self.get(name)

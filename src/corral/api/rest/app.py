@@ -14,12 +14,14 @@ from corral import __version__
 from corral.api.rest import render
 from corral.api.rest.errors import install_error_handlers, problem
 from corral.api.rest.middleware import BodyLimitMiddleware, RequestIdMiddleware
+from corral.api.rest.storage import UPLOAD_PATH, LocalStorage, add_storage_routes
 from corral.errors import Malformed, NotFound
-from corral.model import TokenCreate, VmCreate
+from corral.model import Task, TokenCreate, Vm, VmCreate
 from corral.service.console import ConsoleService
 from corral.service.context import RequestMeta
 from corral.service.join import JoinService
 from corral.service.nodes import ClusterService, NodeService
+from corral.service.storage import ImageService, PoolService, VolumeService
 from corral.service.tasks import TaskService
 from corral.service.tokens import TokenService
 from corral.service.vms import Accepted, VmService
@@ -51,6 +53,11 @@ class ApiServices:
     console: ConsoleService
     # Returns the reasons this agent is not ready (empty when ready).
     readiness: Callable[[], Awaitable[list[str]]]
+    pools: PoolService
+    volumes: VolumeService
+    images: ImageService
+    # This host's storage operations (servers and the leader call them on a file's host).
+    local_storage: LocalStorage | None = None
 
 
 def _meta(if_match: str | None, idempotency_key: str | None) -> RequestMeta:
@@ -75,7 +82,7 @@ def create_app(services: ApiServices) -> FastAPI:
         redoc_url=None,
     )
     install_error_handlers(app)
-    app.add_middleware(BodyLimitMiddleware, max_bytes=MAX_BODY_BYTES)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=MAX_BODY_BYTES, exempt=UPLOAD_PATH)
     app.add_middleware(RequestIdMiddleware)
 
     async def finish(result: Accepted, wait: bool, timeout: float) -> JSONResponse:
@@ -91,6 +98,20 @@ def create_app(services: ApiServices) -> FastAPI:
             except NotFound:
                 vm = None  # type: ignore[assignment]
         return render.accepted(vm, task, status)
+
+    async def accepted(vm: Vm, task: Task, wait: bool, timeout: float) -> JSONResponse:
+        return await finish(Accepted(vm, task), wait, timeout)
+
+    # Before /vms/{name}/{action}: its /vms/{name}/disks must not be taken for an action.
+    add_storage_routes(
+        app,
+        pools=services.pools,
+        volumes=services.volumes,
+        images=services.images,
+        local_storage=services.local_storage,
+        accepted=accepted,
+        meta=_meta,
+    )
 
     @app.get("/healthz", tags=["health"])
     async def healthz() -> dict[str, str]:
@@ -212,12 +233,15 @@ def create_app(services: ApiServices) -> FastAPI:
     @app.delete("/api/v1/vms/{name}", tags=["vms"], status_code=202)
     async def delete_vm(
         name: NameParam,
+        with_disks: Annotated[bool, Query(description="also delete the vm's volumes")] = False,
         wait: Wait = False,
         timeout: Timeout = 60.0,
         if_match: IfMatch = None,
         idempotency_key: IdemKey = None,
     ) -> JSONResponse:
-        result = await services.vms.act(name, "delete", None, _meta(if_match, idempotency_key))
+        result = await services.vms.act(
+            name, "delete", None, _meta(if_match, idempotency_key), with_disks=with_disks
+        )
         return await finish(result, wait, timeout)
 
     @app.post("/api/v1/vms/{name}/{action}", tags=["vms"], status_code=202)

@@ -5,14 +5,17 @@ server (failing over between them) and answers only its own health itself. ``--j
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from typing import Annotated, Any
 
 import httpx
-from fastapi import FastAPI, Request
+from fastapi import Body, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
 from corral import __version__
-from corral.api.rest.errors import problem
+from corral.api.rest.errors import install_error_handlers, problem
 from corral.api.rest.middleware import BodyLimitMiddleware, RequestIdMiddleware
+from corral.api.rest.storage import UPLOAD_PATH
+from corral.errors import Unavailable
 from corral.telemetry import REQUEST_ID
 
 __all__ = ["create_proxy_app"]
@@ -25,6 +28,7 @@ def create_proxy_app(
     readiness: Callable[[], Awaitable[list[str]]],
     local_console: Callable[[str, int], Awaitable[bytes | None]],
     *,
+    local_storage: Callable[[dict[str, Any]], Awaitable[dict[str, Any]]] | None = None,
     max_body_bytes: int = 1024 * 1024,
 ) -> FastAPI:
     app = FastAPI(
@@ -34,7 +38,8 @@ def create_proxy_app(
         docs_url=None,
         redoc_url=None,
     )
-    app.add_middleware(BodyLimitMiddleware, max_bytes=max_body_bytes)
+    install_error_handlers(app)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=max_body_bytes, exempt=UPLOAD_PATH)
     app.add_middleware(RequestIdMiddleware)
     client = httpx.AsyncClient(timeout=330.0)
 
@@ -69,6 +74,22 @@ def create_proxy_app(
         if data is None:
             return problem(404, "not-found", "Not found", f"vm {name!r} has no console here")
         return Response(data, media_type="text/plain; charset=utf-8")
+
+    @app.post("/api/v1/local/storage", include_in_schema=False)
+    async def host_storage(op: Annotated[dict[str, Any], Body()]) -> dict[str, Any]:
+        if local_storage is None:
+            raise Unavailable("this host runs no node agent storage")
+        return await local_storage(op)
+
+    @app.put("/api/v1/images/{name}/files/{file}")
+    async def refuse_upload(name: str, file: str) -> Response:
+        return problem(
+            409,
+            "conflict",
+            "Upload to a server",
+            "image files are kept by servers: point the CLI at a server host (--addr or "
+            "CORRAL_ADDR) to upload them",
+        )
 
     @app.api_route("/api/{path:path}", methods=["GET", "POST", "PATCH", "PUT", "DELETE"])
     async def forward(request: Request, path: str) -> Response:

@@ -6,14 +6,15 @@ from typing import Any
 
 from fastapi.responses import JSONResponse
 
-from corral.model import Node, Task, Token, Vm
+from corral.model import Task, Vm
+from corral.model.common import ObjectMeta
 
 __all__ = ["accepted", "listing", "obj", "one"]
 
 _FIRST = ("kind", "name", "id", "spec", "status")
 
 
-def obj(o: Vm | Node | Task | Token) -> dict[str, Any]:
+def obj(o: ObjectMeta) -> dict[str, Any]:
     data = o.model_dump(mode="json")
     data.pop("deadline_at", None)
     data.pop("secret_hash", None)  # a token's secret is shown once, at creation, and never again
@@ -22,7 +23,7 @@ def obj(o: Vm | Node | Task | Token) -> dict[str, Any]:
     return ordered
 
 
-def one(o: Vm | Node | Task | Token, status: int = 200) -> JSONResponse:
+def one(o: ObjectMeta, status: int = 200) -> JSONResponse:
     return JSONResponse(obj(o), status, headers={"ETag": f'"{o.mod_revision}"'})
 
 

@@ -446,6 +446,8 @@ class QemuDriver:
             extra[f"{EXTRA_PREFIX}pid"] = str(handle.pid)
         if handle.accel:
             extra[f"{EXTRA_PREFIX}accel"] = handle.accel
+        if handle.qemu_version and live:
+            extra[f"{EXTRA_PREFIX}version"] = handle.qemu_version
         boot = handle.boot
         return DriverVm(
             name=handle.name,
@@ -761,6 +763,23 @@ class QemuDriver:
             f"qemu driver: vm {name}: the guest did not release disk {device} within "
             f"{_UNPLUG_WAIT_S:g} s (unmount it in the guest, or stop the vm and detach again)"
         )
+
+    async def resize_disk(self, name: str, disk_id: str, size_bytes: int) -> bool:
+        """Grow an attached disk of a running guest (QMP ``block_resize``); False when the VM
+        has no QEMU now (then the caller grows the file itself)."""
+        async with self._lock(name):
+            handle = self._get(name)
+            index = next((i for i, d in enumerate(handle.disks) if d.id == disk_id), None)
+            if index is None:
+                raise DriverError(f"qemu driver: vm {name} has no disk {disk_id}")
+            stored = handle.disks[index]
+            slot = stored.slot if stored.slot is not None else index
+            runtime = await self._runtime(handle)
+            if runtime.status is None:
+                return False
+            session = await self._session(handle)
+            await session.execute("block_resize", {"node-name": f"disk{slot}", "size": size_bytes})
+            return True
 
     def _disk_config_checked(self, name: str, disk: DriverDisk, slot: int) -> DiskConfig:
         try:
