@@ -50,6 +50,7 @@ def desired_assignment(vm: Vm) -> Assignment:
         epoch=vm.status.epoch,
         generation=vm.generation,
         reboot_generation=vm.reboot_generation,
+        power_generation=vm.power_generation,
         force_stop=vm.force_stop,
         spec=vm.spec,
     )
@@ -84,7 +85,7 @@ class VmLoop:
             return Outcome(message, requeue_after=UNPLACED_RETRY_S)
         vm.status.node = plan.node
         vm.status.epoch += 1
-        vm.status.state = "starting" if vm.spec.power_state == "running" else "pending"
+        vm.status.state = "pending" if vm.spec.power_state == "stopped" else "starting"
         vm.status.message = message
         vm.updated_at = utcnow()
         assignment = desired_assignment(vm)
