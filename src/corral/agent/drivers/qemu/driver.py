@@ -641,8 +641,6 @@ class QemuDriver:
         for name in builtins.list(self._sessions):
             await self._drop_session(name)
 
-    # -- beyond the protocol ----------------------------------------------------------------
-
     async def pause(self, name: str) -> DriverVm:
         """Freeze a running VM's vCPUs (QMP ``stop``); idempotent when paused. Raises
         DriverError when the VM is neither."""
@@ -666,6 +664,8 @@ class QemuDriver:
             session = await self._session(handle)
             await (session.stop() if pause else session.cont())
             return self._driver_vm(name, await self._runtime(self._get(name)))
+
+    # -- beyond the protocol ----------------------------------------------------------------
 
     def console_log_path(self, name: str) -> Path:
         """The file every byte the guest printed on its serial console is appended to."""
