@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -132,27 +134,169 @@ def test_a_real_guest_through_the_api(qemu_agent: AgentProcess) -> None:
         wait_for(lambda: not alive(pid), 30, "QEMU to exit after delete")
 
 
-def test_a_guest_killed_from_outside_is_started_again(qemu_agent: AgentProcess) -> None:
+BOOTED = "corral-guest: booted"
+_HEARTBEAT = re.compile(r"^corral-heartbeat (\d+)$")
+
+
+def console(c: httpx.Client, name: str) -> str:
+    r = c.get(f"/api/v1/vms/{name}/console/log")
+    assert r.status_code == 200, r.text
+    return r.text.replace("\r", "")
+
+
+def beats_of_this_boot(text: str) -> list[int]:
+    """The heartbeat numbers printed since the guest last booted (complete lines only)."""
+    lines = text.split("\n")[:-1]
+    last_boot = max((i for i, line in enumerate(lines) if line == BOOTED), default=-1)
+    return [int(m.group(1)) for line in lines[last_boot + 1 :] if (m := _HEARTBEAT.match(line))]
+
+
+def cli(agent: AgentProcess, *args: str) -> str:
+    done = subprocess.run(
+        [sys.executable, "-m", "corral", "--addr", agent.url, *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def shown_state(agent: AgentProcess, name: str) -> str:
+    """The State row of `corral vm show NAME`, as a user reads it."""
+    for line in cli(agent, "vm", "show", name).splitlines():
+        key, _, value = line.partition("  ")
+        if key.strip() == "State":
+            return value.strip()
+    raise AssertionError(f"no State row in `vm show {name}`")
+
+
+def state(c: httpx.Client, name: str) -> dict[str, Any]:
+    vm: dict[str, Any] = c.get(f"/api/v1/vms/{name}").json()
+    return vm
+
+
+def test_stop_start_reboot_pause_resume_a_real_guest(qemu_agent: AgentProcess) -> None:
+    with qemu_agent.client(timeout=120) as c:
+        out = cli(qemu_agent, "vm", "create", "life-1", "--memory", "128", "--timeout", "90")
+        assert out.startswith("vm life-1 running on n1"), out
+        assert shown_state(qemu_agent, "life-1") == "running"
+        wait_for(lambda: len(beats_of_this_boot(console(c, "life-1"))) >= 2, 60, "heartbeats")
+
+        out = cli(qemu_agent, "vm", "stop", "life-1", "--timeout", "90")
+        assert out.startswith("vm life-1 stopped on n1"), out
+        assert state(c, "life-1")["status"]["state"] == "stopped"
+        assert shown_state(qemu_agent, "life-1") == "stopped"
+        boots = console(c, "life-1").split("\n").count(BOOTED)
+
+        out = cli(qemu_agent, "vm", "start", "life-1", "--timeout", "90")
+        assert out.startswith("vm life-1 running on n1"), out
+        wait_for(
+            lambda: console(c, "life-1").split("\n").count(BOOTED) == boots + 1, 60, "a new boot"
+        )
+        booted_at = state(c, "life-1")["status"]["started_at"]
+
+        out = cli(qemu_agent, "vm", "reboot", "life-1", "--timeout", "90")
+        assert out.startswith("vm life-1 running on n1"), out
+        assert state(c, "life-1")["status"]["started_at"] > booted_at
+        wait_for(
+            lambda: console(c, "life-1").split("\n").count(BOOTED) == boots + 2,
+            60,
+            "the guest to boot again after the reboot",
+        )
+        wait_for(lambda: len(beats_of_this_boot(console(c, "life-1"))) >= 3, 60, "heartbeats")
+
+        # Paused: the vCPUs are frozen, so the guest's heartbeat counter stops.
+        out = cli(qemu_agent, "vm", "pause", "life-1", "--timeout", "90")
+        assert out.startswith("vm life-1 paused on n1"), out
+        vm = state(c, "life-1")
+        assert (vm["status"]["state"], vm["spec"]["power_state"]) == ("paused", "paused")
+        assert shown_state(qemu_agent, "life-1") == "paused"
+        frozen = beats_of_this_boot(console(c, "life-1"))
+        time.sleep(3.5)
+        assert beats_of_this_boot(console(c, "life-1")) == frozen, "a paused guest printed"
+        pid = int(vm["status"]["runtime"]["qemu.pid"])
+        assert alive(pid)
+
+        # Resumed: the same boot goes on counting from where it stopped.
+        out = cli(qemu_agent, "vm", "resume", "life-1", "-o", "json", "--timeout", "90")
+        resumed = json.loads(out)
+        assert resumed["object"]["status"]["state"] == "running"
+        assert resumed["task"]["status"]["state"] == "succeeded"
+        assert shown_state(qemu_agent, "life-1") == "running"
+        beats = wait_for(
+            lambda: (b := beats_of_this_boot(console(c, "life-1")))[len(frozen) :] and b,
+            30,
+            "a heartbeat after the resume",
+        )
+        assert beats[len(frozen)] == frozen[-1] + 1, (frozen, beats)
+        assert state(c, "life-1")["status"]["runtime"]["qemu.pid"] == str(pid)
+
+        cli(qemu_agent, "vm", "delete", "life-1", "--yes", "--timeout", "90")
+        assert c.get("/api/v1/vms/life-1").status_code == 404
+        wait_for(lambda: not alive(pid), 30, "QEMU to exit after delete")
+
+
+def test_a_guest_killed_from_outside_follows_its_restart_policy(
+    qemu_agent: AgentProcess,
+) -> None:
     with qemu_agent.client(timeout=120) as c:
         r = c.post(
             "/api/v1/vms",
             params={"wait": "true", "timeout": "90"},
-            json={"name": "crash-1", "memory_mib": 128, "power_state": "stopped"},
+            json={"name": "crash-1", "memory_mib": 128},
         )
         assert r.status_code == 200, r.text
-        assert r.json()["object"]["status"]["state"] == "stopped"
-        r = c.post("/api/v1/vms/crash-1/start", params={"wait": "true", "timeout": "90"})
-        pid = int(r.json()["object"]["status"]["runtime"]["qemu.pid"])
+        vm = r.json()["object"]
+        assert vm["spec"]["restart_policy"] == "on-failure"
+        pid = int(vm["status"]["runtime"]["qemu.pid"])
+
+        # on-failure (the default): reported crashed within seconds, then started again.
         os.kill(pid, signal.SIGKILL)
-        # Noticed within seconds and, running being the VM's desired state (restart policy
-        # "always", the only one for now), started again on a new QEMU process.
+        crashed = wait_for(
+            lambda: (v := state(c, "crash-1"))["status"]["state"] == "crashed" and v,
+            15,
+            "the crash to be reported",
+        )
+        assert crashed["status"]["message"] == (
+            f"qemu (pid {pid}) exited without the driver stopping it; "
+            "restart 1 in 1 s (policy on-failure)"
+        )
         restarted = wait_for(
             lambda: (
-                (v := c.get("/api/v1/vms/crash-1").json())["status"]["state"] == "running"
+                (v := state(c, "crash-1"))["status"]["state"] == "running"
                 and v["status"]["runtime"].get("qemu.pid") not in (None, str(pid))
                 and v
             ),
-            45,
-            "the crash to be noticed and the guest started again",
+            60,
+            "the guest started again",
         )
-        assert alive(int(restarted["status"]["runtime"]["qemu.pid"]))
+        pid = int(restarted["status"]["runtime"]["qemu.pid"])
+        assert alive(pid)
+        assert "restart 1 at " in restarted["status"]["message"]
+
+        # never: reported crashed, and it stays so; the message says how to start it.
+        cli(qemu_agent, "vm", "edit", "crash-1", "--restart-policy", "never")
+        wait_for(
+            lambda: (v := state(c, "crash-1"))["status"]["observed_generation"] == v["generation"],
+            30,
+            "the new policy applied on the node",
+        )
+        os.kill(pid, signal.SIGKILL)
+        crashed = wait_for(
+            lambda: (v := state(c, "crash-1"))["status"]["state"] == "crashed" and v,
+            15,
+            "the crash to be reported",
+        )
+        assert crashed["status"]["message"] == (
+            f"qemu (pid {pid}) exited without the driver stopping it; not restarted "
+            "(restart policy never); start it with `corral vm start crash-1`"
+        )
+        assert shown_state(qemu_agent, "crash-1") == "crashed"
+        time.sleep(7)  # more than one resync of the agent
+        assert state(c, "crash-1")["status"]["state"] == "crashed"
+        assert shown_state(qemu_agent, "crash-1") == "crashed"
+
+        out = cli(qemu_agent, "vm", "start", "crash-1", "--timeout", "90")
+        assert out.startswith("vm crash-1 running on n1"), out
+        assert alive(int(state(c, "crash-1")["status"]["runtime"]["qemu.pid"]))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 import uuid
 from typing import Any
 
@@ -67,6 +68,7 @@ def test_vm_lifecycle_create_stop_start_reboot_delete(shared_agent: AgentProcess
             "memory_mib": 256,
             "labels": {"tier": "web"},
             "power_state": "running",
+            "restart_policy": "on-failure",
         }
         uuid.UUID(vm["id"])
 
@@ -190,3 +192,68 @@ def test_unplaceable_vm_stays_pending_with_the_reason(shared_agent: AgentProcess
             "failed",
             "cancelled",
         )
+
+
+def test_pause_and_resume_through_the_api(shared_agent: AgentProcess) -> None:
+    with shared_agent.client() as c:
+        booted = _create(c, "pause-1", memory_mib=64)["object"]["status"]["started_at"]
+
+        r = c.post("/api/v1/vms/pause-1/pause", params={"wait": "true"})
+        assert r.status_code == 200, r.text
+        vm, task = r.json()["object"], r.json()["task"]
+        assert task["status"]["state"] == "succeeded" and task["spec"]["action"] == "pause"
+        assert (vm["spec"]["power_state"], vm["status"]["state"]) == ("paused", "paused")
+        assert c.get("/api/v1/vms", params={"state": "paused"}).json()["items"][0]["name"] == (
+            "pause-1"
+        )
+        # A paused VM cannot be rebooted: the error says what to do instead.
+        r = c.post("/api/v1/vms/pause-1/reboot")
+        assert r.status_code == 409, r.text
+        assert "corral vm resume pause-1" in r.json()["detail"]
+
+        r = c.post("/api/v1/vms/pause-1/resume", params={"wait": "true"})
+        assert r.json()["object"]["status"]["state"] == "running"
+        assert r.json()["object"]["status"]["started_at"] == booted  # resumed, not rebooted
+        # Resuming a running VM changes nothing and succeeds.
+        r = c.post("/api/v1/vms/pause-1/resume", params={"wait": "true"})
+        assert r.json()["task"]["status"]["state"] == "succeeded"
+
+        # `start` on a paused VM resumes it too.
+        c.post("/api/v1/vms/pause-1/pause", params={"wait": "true"})
+        r = c.post("/api/v1/vms/pause-1/start", params={"wait": "true"})
+        assert r.json()["object"]["status"]["state"] == "running"
+        assert r.json()["object"]["status"]["started_at"] == booted
+
+        r = c.post("/api/v1/vms/pause-1/stop", params={"wait": "true"})
+        assert r.json()["object"]["status"]["state"] == "stopped"
+        for action in ("pause", "resume", "reboot"):
+            r = c.post(f"/api/v1/vms/pause-1/{action}")
+            assert r.status_code == 409, r.text
+            assert r.json()["type"].endswith("/conflict")
+            assert r.json()["detail"] == (
+                "vm 'pause-1' is stopped (its desired power state); start it first with "
+                "`corral vm start pause-1` (POST /api/v1/vms/pause-1/start)"
+            )
+        c.delete("/api/v1/vms/pause-1", params={"wait": "true"})
+
+
+def test_restart_policy_is_set_at_create_and_patched(shared_agent: AgentProcess) -> None:
+    with shared_agent.client() as c:
+        vm = _create(c, "policy-1", memory_mib=64, restart_policy="never")["object"]
+        assert vm["spec"]["restart_policy"] == "never"
+        r = c.patch("/api/v1/vms/policy-1", json={"restart_policy": "always"})
+        assert r.status_code == 200, r.text
+        assert r.json()["spec"]["restart_policy"] == "always"
+        r = c.patch("/api/v1/vms/policy-1", json={"restart_policy": "sometimes"})
+        assert r.status_code == 422
+        assert r.json()["errors"][0]["field"] == "restart_policy"
+        # The node applies the change without restarting the running VM.
+        deadline = time.monotonic() + 10
+        while (running := c.get("/api/v1/vms/policy-1").json())["status"][
+            "observed_generation"
+        ] < running["generation"]:
+            assert time.monotonic() < deadline, running
+            time.sleep(0.1)
+        assert running["status"]["state"] == "running"
+        assert running["status"]["started_at"] == vm["status"]["started_at"]
+        c.delete("/api/v1/vms/policy-1", params={"wait": "true"})

@@ -99,7 +99,7 @@ def inventory() -> Inventory:
 async def place(store: Store, name: str, node: str) -> Assignment:
     """Create a VM and place it on ``node`` the way the leader's VM loop does."""
     created = await VmService(ServiceContext(store)).create(
-        {"name": name, "vcpus": 2, "memory_mib": 256}, RequestMeta()
+        {"name": name, "vcpus": 2, "memory_mib": 256, "restart_policy": "always"}, RequestMeta()
     )
     vm = created.vm
     vm.status.node = node
@@ -111,6 +111,7 @@ async def place(store: Store, name: str, node: str) -> Assignment:
         node=node,
         epoch=vm.status.epoch,
         generation=vm.generation,
+        power_generation=vm.power_generation,
         spec=vm.spec,
     )
     await store.commit(
@@ -159,10 +160,14 @@ async def test_a_remote_node_registers_lives_gets_work_and_reports(cluster: Clus
     assert await asyncio.wait_for(anext(stream), 10) == {}
     web = await place(store, "web-1", NODE)
     await place(store, "elsewhere-1", "hv-other")  # another node's work never shows up here
-    assert await asyncio.wait_for(anext(stream), 10) == {"web-1": web}
+    got = await asyncio.wait_for(anext(stream), 10)
+    assert got == {"web-1": web}  # every field travels, the restart policy too
+    assert (got["web-1"].power_generation, got["web-1"].spec.restart_policy) == (1, "always")
 
     await client.report(NODE, [running(web)])
     assert await vm_state(store, "web-1") == "running"
+    await client.report(NODE, [running(web, "paused")])
+    assert await vm_state(store, "web-1") == "paused"
     await stream.aclose()
 
     await client.close_liveness(NODE, lease)

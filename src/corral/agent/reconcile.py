@@ -11,12 +11,27 @@ Rules, per VM name:
   reuses the name)                              -> ``replaced`` (destroy old, define new)
 - both, assignment epoch older than the VM's, or
   same epoch and generation older than applied  -> ``ignored`` (never run an older placement)
+- both, the VM went down on its own and its
+  restart policy leaves it down, nothing else
+  to do                                         -> ``held``
 - both, and something to do                     -> ``updated``
 - both, nothing to do                           -> ``unchanged``
 
 "Something to do" is: the runtime state differs from ``spec.power_state``, the generation is
 newer than the applied one, ``reboot_generation`` is newer than the applied one, the epoch is
 newer, or the spec differs from the stored one.
+
+Power: ``running`` from stopped or crashed is ``start``, from paused ``resume``; ``paused`` from
+running is ``pause``, from stopped or crashed ``start`` then ``pause``; ``stopped`` is ``stop``.
+
+Restart policy: a VM that is ``crashed`` or ``stopped`` while it should run (or be paused), on
+the epoch it was placed with, although this node already applied its last power request
+(``power_generation <= applied_generation``), went down on its own. It is started again only if
+``spec.restart_policy`` allows: ``always`` after a crash or a guest poweroff, ``on-failure``
+after a crash only, ``never`` not at all. Such a start is a *restart* (``VmPlan.restart``): the
+runner spaces restarts out (crash-loop backoff). A newer power request (``vm start``) is a new
+intent and always applies. An assignment with ``power_generation`` 0 (written before power
+generations existed) counts every generation as a power request.
 """
 
 from __future__ import annotations
@@ -27,9 +42,11 @@ from typing import Literal
 
 from corral.agent.drivers.base import DriverVm
 from corral.model import Assignment, VmSpec
+from corral.model.vm import RestartPolicy
 
 __all__ = [
     "ActionKind",
+    "HeldVm",
     "IgnoredAssignment",
     "VmDiff",
     "VmPlan",
@@ -38,12 +55,16 @@ __all__ = [
     "diff_vms",
     "hardware_changed",
     "plan_actions",
+    "restart_allowed",
+    "went_down",
 ]
 
 # "record" stores the assignment's generation and reboot_generation as applied; it is always
 # the last step of a plan that has an assignment, so applied_generation advances only after
 # every other step succeeded.
-ActionKind = Literal["destroy", "define", "update", "start", "stop", "reboot", "record"]
+ActionKind = Literal[
+    "destroy", "define", "update", "start", "stop", "reboot", "pause", "resume", "record"
+]
 
 _VERBS: dict[ActionKind, str] = {
     "destroy": "destroying",
@@ -52,6 +73,8 @@ _VERBS: dict[ActionKind, str] = {
     "start": "starting",
     "stop": "stopping",
     "reboot": "rebooting",
+    "pause": "pausing",
+    "resume": "resuming",
     "record": "recording",
 }
 
@@ -83,6 +106,16 @@ class IgnoredAssignment:
 
 
 @dataclass(frozen=True)
+class HeldVm:
+    """A VM that went down on its own and that its restart policy leaves down; ``reason`` is a
+    sentence for the log."""
+
+    assignment: Assignment
+    current: DriverVm
+    reason: str
+
+
+@dataclass(frozen=True)
 class VmDiff:
     """Desired vs actual on one node; every tuple is sorted by VM name."""
 
@@ -92,6 +125,7 @@ class VmDiff:
     updated: tuple[VmUpdate, ...] = ()
     unchanged: tuple[str, ...] = ()
     ignored: tuple[IgnoredAssignment, ...] = ()
+    held: tuple[HeldVm, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -99,6 +133,8 @@ class VmPlan:
     """The ordered driver steps for one VM, and the sentence that announces them.
 
     ``assignment`` is None only for a plain removal; ``current`` is None for a new VM.
+    ``restart`` is True when the plan starts a VM that went down on its own (its restart
+    policy allows it; the runner decides when).
     """
 
     vm: str
@@ -106,13 +142,44 @@ class VmPlan:
     assignment: Assignment | None
     current: DriverVm | None
     sentence: str
+    restart: bool = False
 
 
 def hardware_changed(old: VmSpec, new: VmSpec) -> bool:
-    """True when the change needs a fresh boot to take effect (labels, power and disks, which
-    are hot-plugged, do not)."""
-    skip = {"labels", "power_state", "disks"}
+    """True when the change needs a fresh boot to take effect (labels, power, the restart
+    policy and disks, which are hot-plugged, do not)."""
+    skip = {"labels", "power_state", "restart_policy", "disks"}
     return old.model_dump(exclude=skip) != new.model_dump(exclude=skip)
+
+
+def went_down(assignment: Assignment, current: DriverVm) -> bool:
+    """True when the VM is down (crashed, or stopped by its guest) although it should run and
+    this node already applied the last power request for it: nobody asked it to go down."""
+    power_generation = assignment.power_generation or assignment.generation
+    return (
+        current.state in ("crashed", "stopped")
+        and assignment.spec.power_state != "stopped"
+        and assignment.epoch == current.epoch
+        and assignment.vm_id == current.vm_id
+        and power_generation <= current.applied_generation
+    )
+
+
+def restart_allowed(policy: RestartPolicy, state: str) -> bool:
+    """Whether ``policy`` restarts a VM that went down on its own and is now ``state``
+    (``crashed``: the hypervisor process died or the guest panicked; ``stopped``: the guest
+    powered itself off)."""
+    if policy == "always":
+        return True
+    return policy == "on-failure" and state == "crashed"
+
+
+def _held_reason(assignment: Assignment, current: DriverVm) -> str:
+    policy = assignment.spec.restart_policy
+    why = f"restart policy {policy}"
+    if policy == "on-failure":
+        why += " restarts only after a crash"
+    return f"leaving vm {assignment.vm} {current.state}: {why}"
 
 
 def _stale_reason(assignment: Assignment, current: DriverVm) -> str | None:
@@ -130,10 +197,13 @@ def _stale_reason(assignment: Assignment, current: DriverVm) -> str | None:
     return None
 
 
-def _update_reasons(assignment: Assignment, current: DriverVm) -> tuple[str, ...]:
+def _update_reasons(
+    assignment: Assignment, current: DriverVm, *, power: bool = True
+) -> tuple[str, ...]:
+    """Why the VM needs work; ``power=False`` leaves out a runtime state that differs."""
     reasons: list[str] = []
     want = assignment.spec.power_state
-    if current.state != want:
+    if power and current.state != want:
         reasons.append(f"is {current.state}, wanted {want}")
     if assignment.epoch > current.epoch:
         reasons.append(f"epoch {assignment.epoch} is newer than {current.epoch}")
@@ -157,6 +227,7 @@ def diff_vms(desired: Mapping[str, Assignment], actual: Mapping[str, DriverVm]) 
     updated: list[VmUpdate] = []
     unchanged: list[str] = []
     ignored: list[IgnoredAssignment] = []
+    held: list[HeldVm] = []
     for name in sorted(set(desired) | set(actual)):
         want = desired.get(name)
         have = actual.get(name)
@@ -169,6 +240,12 @@ def diff_vms(desired: Mapping[str, Assignment], actual: Mapping[str, DriverVm]) 
             replaced.append(VmReplacement(want, have))
         elif (stale := _stale_reason(want, have)) is not None:
             ignored.append(IgnoredAssignment(want, have, stale))
+        elif (
+            went_down(want, have)
+            and not restart_allowed(want.spec.restart_policy, have.state)
+            and not _update_reasons(want, have, power=False)
+        ):
+            held.append(HeldVm(want, have, _held_reason(want, have)))
         elif reasons := _update_reasons(want, have):
             updated.append(VmUpdate(want, have, reasons))
         else:
@@ -180,6 +257,7 @@ def diff_vms(desired: Mapping[str, Assignment], actual: Mapping[str, DriverVm]) 
         updated=tuple(updated),
         unchanged=tuple(unchanged),
         ignored=tuple(ignored),
+        held=tuple(held),
     )
 
 
@@ -187,7 +265,11 @@ def _power_steps(assignment: Assignment, state: str) -> tuple[ActionKind, ...]:
     want = assignment.spec.power_state
     if state == want:
         return ()
-    return ("start",) if want == "running" else ("stop",)
+    if want == "stopped":
+        return ("stop",)
+    if want == "running":
+        return ("resume",) if state == "paused" else ("start",)
+    return ("pause",) if state == "running" else ("start", "pause")
 
 
 def _sentence(name: str, steps: tuple[ActionKind, ...], assignment: Assignment) -> str:
@@ -211,6 +293,10 @@ def _plan_update(update: VmUpdate) -> VmPlan:
     if a.epoch != cur.epoch or a.spec != cur.spec:
         steps.append("update")
     power = _power_steps(a, cur.state)
+    down = went_down(a, cur)
+    restart = down and restart_allowed(a.spec.restart_policy, cur.state)
+    if down and not restart:
+        power = ()  # the restart policy leaves it down; the rest of the intent still applies
     steps.extend(power)
     # A fresh boot satisfies a reboot request, and a VM kept off has nothing to reboot.
     wants_reboot = a.reboot_generation > cur.reboot_generation
@@ -219,14 +305,17 @@ def _plan_update(update: VmUpdate) -> VmPlan:
     steps.append("record")
     plan_steps = tuple(steps)
     sentence = _sentence(a.vm, plan_steps, a)
-    if cur.state == "crashed" and "start" in plan_steps:
+    if restart:
+        what = "crashed" if cur.state == "crashed" else "powered itself off"
+        sentence += f" after it {what} (restart policy {a.spec.restart_policy})"
+    elif cur.state == "crashed" and "start" in plan_steps:
         sentence += " after it crashed"
-    return VmPlan(a.vm, plan_steps, a, cur, sentence)
+    return VmPlan(a.vm, plan_steps, a, cur, sentence, restart=restart)
 
 
 def plan_actions(diff: VmDiff) -> list[VmPlan]:
     """One plan per VM that needs work, sorted by VM name. Steps of one plan must run in order;
-    plans of different VMs are independent. Unchanged and ignored VMs get no plan."""
+    plans of different VMs are independent. Unchanged, ignored and held VMs get no plan."""
     plans: list[VmPlan] = []
     for a in diff.added:
         steps = _plan_new(a)

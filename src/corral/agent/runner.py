@@ -15,6 +15,14 @@ it is about to do, and hands each VM's plan to its own worker task. Workers run 
 until its worker ends). A driver failure marks that VM ``failed`` with the error message and is
 retried with exponential backoff, or at once when the VM's intent changes; other VMs go on.
 
+A VM that went down on its own (crashed, or its guest powered off) is started again only when
+its restart policy allows (see ``corral.agent.reconcile``), and restarts are spaced out: the
+n-th restart of a streak waits ``restart_initial_s * 2**(n-1)`` (at most ``restart_max_s``) after
+the VM was seen down, and a VM that ran ``restart_reset_s`` since its last restart starts a new
+streak. Until then, the VM's message says what happened and when the next restart is; a VM its
+policy leaves down says so and how to start it. The streak lives in this process: a restarted
+agent starts a new one.
+
 Server failures never end the agent: every call to the NodeService is retried with backoff.
 Running VMs are never stopped by the agent stopping.
 """
@@ -26,13 +34,14 @@ import logging
 import random
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, replace
+from datetime import datetime
 
 from corral.agent.drivers.base import Driver, DriverBoot, DriverDisk, DriverVm
 from corral.agent.nodeapi import NodeService
-from corral.agent.reconcile import VmPlan, diff_vms, hardware_changed, plan_actions
+from corral.agent.reconcile import HeldVm, VmPlan, diff_vms, hardware_changed, plan_actions
 from corral.agent.storage import HostStorage
 from corral.errors import CorralError, DriverError
-from corral.model import Assignment, Inventory, VmObservation
+from corral.model import Assignment, Inventory, VmObservation, utcnow
 from corral.model.assignment import AssignedDisk, ObservedState
 
 __all__ = ["NodeAgent"]
@@ -43,8 +52,7 @@ _OBSERVED: dict[str, ObservedState] = {
     "running": "running",
     "stopped": "stopped",
     "crashed": "crashed",
-    # The observation vocabulary has no "paused"; the message says it.
-    "paused": "stopped",
+    "paused": "paused",
 }
 _SETTLE_S = 0.02
 PENDING_HARDWARE_MESSAGE = "hardware changes take effect at the next start"
@@ -75,6 +83,49 @@ class _Failure:
     observation: VmObservation
     attempts: int
     retry_at: float
+
+
+@dataclass
+class _Restarts:
+    """The automatic restarts of one VM in its current streak (see the module docstring)."""
+
+    # (vm_id, epoch, power generation): a new power request or placement starts a new streak.
+    key: tuple[str, int, int]
+    count: int = 0
+    # When the VM was first seen down since the last restart (loop time), and when it may
+    # restart; None while it is not waiting.
+    down_at: float | None = None
+    due_at: float = 0.0
+    waiting_note: str = ""
+    last_at: float | None = None
+    last_note: str = ""
+
+
+def _restart_key(a: Assignment) -> tuple[str, int, int]:
+    return (a.vm_id, a.epoch, a.power_generation or a.generation)
+
+
+def _seconds(delay: float) -> str:
+    return f"{round(delay, 2):g} s"
+
+
+def _clock(at: datetime) -> str:
+    return at.strftime("%H:%M:%SZ")
+
+
+def _held_note(held: HeldVm) -> str:
+    """Why a VM that went down stays down, and what the user can do about it."""
+    policy = held.assignment.spec.restart_policy
+    why = f"restart policy {policy}"
+    if policy == "on-failure":
+        why += " restarts only after a crash"
+    return f"not restarted ({why}); start it with `corral vm start {held.assignment.vm}`"
+
+
+def _join(message: str, note: str) -> str:
+    if not note:
+        return message
+    return f"{message}; {note}" if message else note
 
 
 def _plan_key(plan: VmPlan) -> tuple[object, ...]:
@@ -128,11 +179,15 @@ class NodeAgent:
         max_parallel: int = 8,
         stop_timeout_s: float = 60.0,
         storage: HostStorage | None = None,
+        restart_initial_s: float = 1.0,
+        restart_max_s: float = 300.0,
+        restart_reset_s: float = 600.0,
     ) -> None:
         """``keepalive_s`` defaults to ``lease_ttl_s / 3``. ``retry_initial_s`` and
         ``retry_max_s`` bound the backoff of server calls and of failed VM operations.
         ``max_parallel`` bounds concurrent VM operations; ``stop_timeout_s`` is the graceful
-        stop's wait before power-off."""
+        stop's wait before power-off. ``restart_initial_s``, ``restart_max_s`` and
+        ``restart_reset_s`` shape the crash-loop backoff of automatic restarts."""
         if lease_ttl_s < 1:
             raise ValueError("lease_ttl_s: must be >= 1")
         if max_parallel < 1:
@@ -151,6 +206,9 @@ class NodeAgent:
         self._retry_max_s = retry_max_s
         self._stop_timeout_s = stop_timeout_s
         self._storage = storage
+        self._restart_initial_s = restart_initial_s
+        self._restart_max_s = restart_max_s
+        self._restart_reset_s = restart_reset_s
         self._sem = asyncio.Semaphore(max_parallel)
 
         self.last_pass_summary = ""
@@ -158,6 +216,9 @@ class NodeAgent:
         self._desired: dict[str, Assignment] | None = None
         self._last_reported: dict[str, VmObservation] = {}
         self._failures: dict[str, _Failure] = {}
+        self._restarts: dict[str, _Restarts] = {}
+        # What this pass adds to the message of a VM that is down (held, or waiting to restart).
+        self._notes: dict[str, str] = {}
         self._busy: dict[str, asyncio.Task[None]] = {}
         self._pending_gone: dict[tuple[str, str], int] = {}
         self._registered = asyncio.Event()
@@ -377,12 +438,19 @@ class NodeAgent:
             desired = self._desired
             sentences: list[str] = []
             to_run: list[VmPlan] = []
+            notes: dict[str, str] = {}
             if desired is not None:
                 wanted = {name: a for name, a in desired.items() if name not in busy}
                 diff = diff_vms(wanted, actual)
                 sentences.extend(ig.reason for ig in diff.ignored)
-                for name in diff.unchanged:
+                for held in diff.held:
+                    notes[held.assignment.vm] = _held_note(held)
+                    sentences.append(held.reason)
+                for name in (*diff.unchanged, *(h.assignment.vm for h in diff.held)):
                     self._failures.pop(name, None)
+                for name in list(self._restarts):
+                    if name not in desired:
+                        del self._restarts[name]
                 for name in list(self._failures):
                     if name not in wanted and name not in actual and name not in busy:
                         del self._failures[name]
@@ -396,11 +464,20 @@ class NodeAgent:
                             f"after: {failure.observation.message}"
                         )
                         continue
+                    if plan.restart:
+                        waiting = self._restart_wait(plan, loop.time())
+                        if waiting is not None:
+                            notes[plan.vm] = waiting
+                            sentences.append(f"vm {plan.vm}: {waiting}")
+                            continue
                     to_run.append(plan)
                     sentences.append(plan.sentence)
+            self._notes = notes
 
             await self._report(self._changed_observations(actual, busy))
-            await self._report([p for plan in to_run if (p := self._progress(plan)) is not None])
+            await self._report(
+                [p for plan in to_run if (p := self._progress(plan, self._restarts)) is not None]
+            )
             for plan in to_run:
                 self._busy[plan.vm] = asyncio.create_task(self._work(plan), name=f"vm-{plan.vm}")
 
@@ -415,11 +492,48 @@ class NodeAgent:
             log.log(level, "node %s: %s", self.node_name, summary)
             self.last_pass_summary = summary
 
+    def _restart_wait(self, plan: VmPlan, now: float) -> str | None:
+        """Gate an automatic restart by the crash-loop backoff: None when it may run now (it
+        is then counted), else the note saying which restart comes when. Schedules a pass
+        for the moment it is due."""
+        a, cur = plan.assignment, plan.current
+        assert a is not None and cur is not None
+        key = _restart_key(a)
+        r = self._restarts.get(plan.vm)
+        if r is None or r.key != key:
+            r = self._restarts[plan.vm] = _Restarts(key)
+        policy = a.spec.restart_policy
+        if r.down_at is None:
+            if r.last_at is not None and now - r.last_at >= self._restart_reset_s:
+                r.count = 0  # it ran long enough: this is not a crash loop
+            delay = min(self._restart_max_s, self._restart_initial_s * 2.0**r.count)
+            r.down_at, r.due_at = now, now + delay
+            r.waiting_note = f"restart {r.count + 1} in {_seconds(delay)} (policy {policy})"
+        if now < r.due_at:
+            asyncio.get_running_loop().call_later(r.due_at - now, self._wake.set)
+            return r.waiting_note
+        r.count += 1
+        r.down_at = None
+        r.last_at = now
+        what = cur.message or f"it {cur.state}"
+        r.last_note = f"restart {r.count} at {_clock(utcnow())} after: {what} (policy {policy})"
+        return None
+
+    def _restart_note(self, vm: DriverVm) -> str:
+        """The last automatic restart of a running VM, while its streak lasts."""
+        r = self._restarts.get(vm.name)
+        if r is None or r.last_at is None or vm.state == "crashed" or vm.state == "stopped":
+            return ""
+        if asyncio.get_running_loop().time() - r.last_at >= self._restart_reset_s:
+            return ""
+        return r.last_note
+
     def _observe(self, vm: DriverVm) -> VmObservation:
         failure = self._failures.get(vm.name)
         if failure is not None and failure.observation.vm_id == vm.vm_id:
             return failure.observation
-        message = vm.message or ("paused" if vm.state == "paused" else "")
+        note = self._notes.get(vm.name) or self._restart_note(vm)
+        message = _join(vm.message, note)
         return VmObservation(
             vm=vm.name,
             vm_id=vm.vm_id,
@@ -445,7 +559,7 @@ class NodeAgent:
         return [obs for obs in current if self._last_reported.get(obs.vm) != obs]
 
     @staticmethod
-    def _progress(plan: VmPlan) -> VmObservation | None:
+    def _progress(plan: VmPlan, restarts: Mapping[str, _Restarts]) -> VmObservation | None:
         """``starting`` / ``stopping`` for a plan that boots or stops its VM, else None."""
         a = plan.assignment
         if a is None or not ({"start", "stop"} & set(plan.steps)):
@@ -459,6 +573,7 @@ class NodeAgent:
             state="stopping" if stopping else "starting",
             observed_generation=cur.applied_generation if cur is not None else 0,
             started_at=cur.started_at if cur is not None and stopping else None,
+            message=r.last_note if plan.restart and (r := restarts.get(plan.vm)) else "",
         )
 
     # -- one VM -----------------------------------------------------------------------------
@@ -542,6 +657,10 @@ class NodeAgent:
             return await self._driver.stop(name, timeout_s=self._stop_timeout_s)
         if step == "reboot":
             return await self._driver.reboot(name)
+        if step == "pause":
+            return await self._driver.pause(name)
+        if step == "resume":
+            return await self._driver.resume(name)
         if step == "record":
             if (vm.applied_generation, vm.reboot_generation) == (a.generation, a.reboot_generation):
                 return vm

@@ -1,8 +1,10 @@
-"""`corral vm ...`: list, show, create, edit, start, stop, reboot and delete virtual machines."""
+"""`corral vm ...`: list, show, create, edit, start, stop, reboot, pause, resume and delete
+virtual machines."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from enum import StrEnum
 from typing import Annotated, Any
 
 import typer
@@ -53,6 +55,27 @@ MemoryOpt = Annotated[
         parser=parse_memory,
         metavar="SIZE",
         help="Memory: MiB (512) or with a unit (512M, 1G, 1.5G, 2048MiB).",
+        show_default=False,
+    ),
+]
+
+
+class RestartPolicy(StrEnum):
+    always = "always"
+    on_failure = "on-failure"
+    never = "never"
+
+
+RestartPolicyOpt = Annotated[
+    RestartPolicy | None,
+    typer.Option(
+        "--restart-policy",
+        help=(
+            "When the VM goes down on its own: on-failure (the default) restarts it after a "
+            "crash, not after the guest powered itself off; always restarts it either way; "
+            "never leaves it down."
+        ),
+        case_sensitive=False,
         show_default=False,
     ),
 ]
@@ -187,6 +210,7 @@ def vm_show(ctx: typer.Context, name: NameArg, output: OutputOpt = None) -> None
         ("Node", cell(dig(vm, "status", "node"))),
         ("Message", cell(dig(vm, "status", "message"))),
         ("Power (desired)", cell(dig(vm, "spec", "power_state"))),
+        ("Restart policy", cell(dig(vm, "spec", "restart_policy"))),
         ("vCPUs", cell(dig(vm, "spec", "vcpus"))),
         ("Memory", cell(fmt_mib(dig(vm, "spec", "memory_mib")))),
         ("Labels", cell(fmt_labels(dig(vm, "spec", "labels")))),
@@ -212,6 +236,7 @@ def vm_create(
     vcpus: VcpusOpt = None,
     memory: MemoryOpt = None,
     label: LabelsOpt = None,
+    restart_policy: RestartPolicyOpt = None,
     start: Annotated[
         bool, typer.Option("--start/--no-start", help="Start the VM once it is created.")
     ] = True,
@@ -256,6 +281,8 @@ def vm_create(
         spec["vcpus"] = vcpus
     if memory is not None:
         spec["memory_mib"] = memory
+    if restart_policy is not None:
+        spec["restart_policy"] = restart_policy.value
     labels = parse_labels(label)
     if labels:
         spec["labels"] = labels
@@ -270,6 +297,7 @@ def vm_edit(
     vcpus: VcpusOpt = None,
     memory: MemoryOpt = None,
     label: LabelsOpt = None,
+    restart_policy: RestartPolicyOpt = None,
     remove_label: Annotated[
         list[str] | None,
         typer.Option(
@@ -290,13 +318,15 @@ def vm_edit(
     ] = None,
     output: OutputOpt = None,
 ) -> None:
-    """Change a VM's spec (a JSON merge patch): vCPUs, memory, labels."""
+    """Change a VM's spec (a JSON merge patch): vCPUs, memory, labels, restart policy."""
     state = get_state(ctx)
     patch: dict[str, Any] = {}
     if vcpus is not None:
         patch["vcpus"] = vcpus
     if memory is not None:
         patch["memory_mib"] = memory
+    if restart_policy is not None:
+        patch["restart_policy"] = restart_policy.value
     labels: dict[str, str | None] = dict(parse_labels(label))
     for key in parse_label_keys(remove_label):
         if key in labels:
@@ -308,7 +338,8 @@ def vm_edit(
         patch["labels"] = labels
     if not patch:
         raise typer.BadParameter(
-            "nothing to change; give --vcpus, --memory, --label or --remove-label",
+            "nothing to change; give --vcpus, --memory, --label, --remove-label or "
+            "--restart-policy",
             param_hint="'vm edit'",
         )
     vm = state.client().patch_vm(name, patch, if_match=if_match)
@@ -344,7 +375,8 @@ def vm_start(
     timeout: TimeoutOpt = None,
     output: OutputOpt = None,
 ) -> None:
-    """Start a stopped VM (placing it on a node if it has none)."""
+    """Start a stopped or crashed VM (placing it on a node if it has none); resumes a paused
+    one."""
     _action(ctx, name, "start", body=None, wait=wait, timeout=timeout, output=output)
 
 
@@ -374,6 +406,30 @@ def vm_reboot(
 ) -> None:
     """Reboot a running VM."""
     _action(ctx, name, "reboot", body=None, wait=wait, timeout=timeout, output=output)
+
+
+@vm_app.command("pause")
+def vm_pause(
+    ctx: typer.Context,
+    name: NameArg,
+    wait: WaitOpt = True,
+    timeout: TimeoutOpt = None,
+    output: OutputOpt = None,
+) -> None:
+    """Freeze a running VM's vCPUs (it keeps its memory and its node); `vm resume` goes on."""
+    _action(ctx, name, "pause", body=None, wait=wait, timeout=timeout, output=output)
+
+
+@vm_app.command("resume")
+def vm_resume(
+    ctx: typer.Context,
+    name: NameArg,
+    wait: WaitOpt = True,
+    timeout: TimeoutOpt = None,
+    output: OutputOpt = None,
+) -> None:
+    """Let a paused VM run on from where it was (a running VM stays as it is)."""
+    _action(ctx, name, "resume", body=None, wait=wait, timeout=timeout, output=output)
 
 
 @vm_app.command("delete")

@@ -33,8 +33,13 @@ _ACTION_STEP = {
     "start": ("placing", "starting on {node}"),
     "stop": ("signalling", "stopping on {node}"),
     "reboot": ("signalling", "rebooting on {node}"),
+    "pause": ("signalling", "pausing on {node}"),
+    "resume": ("signalling", "resuming on {node}"),
     "delete": ("stopping", "removing from {node}"),
 }
+_POWER_ACTIONS = ("start", "stop", "reboot", "pause", "resume")
+_POWER_STATES = ("running", "stopped", "paused")
+_RESTART_POLICIES = ("always", "on-failure", "never")
 _TRANSITIONAL = {"create": "pending", "start": "starting", "stop": "stopping", "delete": "deleting"}
 
 
@@ -170,8 +175,13 @@ class FakeCorralApi:
         node: str | None = None,
     ) -> ApiObject:
         """Store a VM as if it had been created and had reached `state` on `node`."""
-        power = "stopped" if state == "stopped" else "running"
-        spec = {"vcpus": vcpus, "memory_mib": memory_mib, "labels": labels or {}}
+        power = state if state in ("stopped", "paused") else "running"
+        spec = {
+            "vcpus": vcpus,
+            "memory_mib": memory_mib,
+            "labels": labels or {},
+            "restart_policy": "on-failure",
+        }
         vm = self._new_object("vm", name, {**spec, "power_state": power})
         vm["generation"] = 1
         vm["status"] = {
@@ -358,7 +368,7 @@ class FakeCorralApi:
             return self._one(self._patch_vm(vm, self._body(request)))
         if len(rest) == 1 and method == "DELETE":
             return self._action(vm, "delete", query)
-        if len(rest) == 2 and method == "POST" and rest[1] in ("start", "stop", "reboot"):
+        if len(rest) == 2 and method == "POST" and rest[1] in _POWER_ACTIONS:
             return self._action(vm, rest[1], query, self._body(request) or {})
         raise _Problem(404, "not-found", f"no route {method} {request.url.path}")
 
@@ -473,9 +483,21 @@ class FakeCorralApi:
             errors.append({"field": "vcpus", "rule": "ge", "message": "must be >= 1"})
         if not isinstance(memory, int) or memory < 64:
             errors.append({"field": "memory_mib", "rule": "ge", "message": "must be >= 64"})
-        if spec.get("power_state") not in ("running", "stopped"):
+        if spec.get("power_state") not in _POWER_STATES:
             errors.append(
-                {"field": "power_state", "rule": "enum", "message": "must be running or stopped"}
+                {
+                    "field": "power_state",
+                    "rule": "enum",
+                    "message": "must be running, stopped or paused",
+                }
+            )
+        if spec.get("restart_policy", "on-failure") not in _RESTART_POLICIES:
+            errors.append(
+                {
+                    "field": "restart_policy",
+                    "rule": "enum",
+                    "message": "must be always, on-failure or never",
+                }
             )
         labels = spec.get("labels")
         if not isinstance(labels, dict) or not all(isinstance(v, str) for v in labels.values()):
@@ -492,7 +514,14 @@ class FakeCorralApi:
     def _create_vm(self, request: httpx.Request) -> httpx.Response:
         body = self._body(request)
         name = body.pop("name", None)
-        spec = {"vcpus": 1, "memory_mib": 512, "labels": {}, "power_state": "running", **body}
+        spec = {
+            "vcpus": 1,
+            "memory_mib": 512,
+            "labels": {},
+            "power_state": "running",
+            "restart_policy": "on-failure",
+            **body,
+        }
         errors = self._validate_spec(spec)
         if not isinstance(name, str) or not _DNS_LABEL.match(name):
             errors.insert(0, {"field": "name", "rule": "pattern", "message": "must be a DNS label"})
@@ -529,10 +558,11 @@ class FakeCorralApi:
         state = vm["status"]["state"]
         if action == "start" and state == "running":
             raise _Problem(409, "conflict", f"vm {vm['name']} is already running")
-        if action in ("stop", "reboot") and state in ("stopped", "pending"):
+        if action in ("stop", "reboot", "pause", "resume") and state in ("stopped", "pending"):
             raise _Problem(409, "conflict", f"vm {vm['name']} is {state}")
-        if action in ("start", "stop"):
-            vm["spec"]["power_state"] = "running" if action == "start" else "stopped"
+        power = {"start": "running", "resume": "running", "stop": "stopped", "pause": "paused"}
+        if action in power:
+            vm["spec"]["power_state"] = power[action]
             vm["generation"] += 1
         vm["status"]["state"] = _TRANSITIONAL.get(action, state)
         self._touch(vm)
@@ -601,11 +631,12 @@ class FakeCorralApi:
         if action == "delete":
             del self.vms[vm["name"]]
             return
-        running = vm["spec"]["power_state"] == "running"
+        power = vm["spec"]["power_state"]
+        started_at = vm["status"].get("started_at") if action in ("pause", "resume") else None
         vm["status"].update(
-            state="running" if running else "stopped",
+            state=power,
             node=node,
-            started_at=self._stamp() if running else None,
+            started_at=None if power == "stopped" else started_at or self._stamp(),
             observed_generation=vm["generation"],
             message="",
         )

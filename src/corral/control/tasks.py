@@ -22,6 +22,8 @@ _STEPS: dict[str, list[str]] = {
     "start": ["accepted", "applied on node"],
     "stop": ["accepted", "applied on node"],
     "reboot": ["accepted", "applied on node"],
+    "pause": ["accepted", "applied on node"],
+    "resume": ["accepted", "applied on node"],
     "delete": ["accepted", "removed from node", "forgotten"],
     "attach-disk": ["accepted", "applied on node"],
     "detach-disk": ["accepted", "applied on node"],
@@ -96,6 +98,8 @@ def evaluate(task: Task, vm: Vm | None) -> TaskStatus:
     applied = vm.status.observed_generation >= generation
     if applied and vm.status.state == "failed":
         return _finish(task, "failed", error=vm.status.message or "the node failed the request")
+    if applied and vm.status.state == "crashed" and expected != "stopped":
+        return _finish(task, "failed", error=f"vm {name} crashed: {vm.status.message}")
     if applied and vm.status.state == expected:
         return _finish(
             task,
@@ -108,9 +112,11 @@ def evaluate(task: Task, vm: Vm | None) -> TaskStatus:
     if action == "create" and vm.status.node is None:
         return _progress(task, 1, vm.status.message or "waiting for a node")
     done = 2 if action == "create" else 1
-    verb = {"running": "starting", "stopped": "stopping"}.get(expected, "applying")
-    if action == "reboot":
-        verb = "rebooting"
+    verb = {"running": "starting", "stopped": "stopping", "paused": "pausing"}.get(
+        expected, "applying"
+    )
+    if action in ("reboot", "resume"):
+        verb = f"{action[:-1]}ing"
     return _progress(task, done, f"{verb} on node {vm.status.node}")
 
 

@@ -125,6 +125,7 @@ def desired_assignment(vm: Vm, ctx: LeaderContext) -> Assignment:
         epoch=vm.status.epoch,
         generation=vm.generation,
         reboot_generation=vm.reboot_generation,
+        power_generation=vm.power_generation,
         force_stop=vm.force_stop,
         spec=vm.spec,
         disks=disks,
@@ -170,7 +171,7 @@ class VmLoop:
             return Outcome(message, requeue_after=UNPLACED_RETRY_S)
         vm.status.node = plan.node
         vm.status.epoch += 1
-        vm.status.state = "starting" if vm.spec.power_state == "running" else "pending"
+        vm.status.state = "pending" if vm.spec.power_state == "stopped" else "starting"
         vm.status.message = message
         vm.updated_at = utcnow()
         assignment = desired_assignment(vm, self.ctx)

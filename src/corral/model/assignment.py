@@ -18,7 +18,7 @@ __all__ = [
     "VmObservation",
 ]
 
-ObservedState = Literal["starting", "running", "stopping", "stopped", "crashed", "failed"]
+ObservedState = Literal["starting", "running", "paused", "stopping", "stopped", "crashed", "failed"]
 
 
 class AssignedImageFile(BaseModel):
@@ -71,7 +71,8 @@ class Assignment(BaseModel):
 
     ``epoch`` grows each time the VM is placed; a node refuses to act on an assignment whose
     epoch is older than one it has already seen for that VM. ``generation`` is the VM's intent
-    generation; ``reboot_generation`` the generation of the last reboot request.
+    generation; ``reboot_generation`` the generation of the last reboot request;
+    ``power_generation`` the generation of the last power request (see ``Vm``).
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -82,6 +83,7 @@ class Assignment(BaseModel):
     epoch: int
     generation: int
     reboot_generation: int = 0
+    power_generation: int = 0
     # Power off at once instead of a graceful shutdown when stopping (``vm stop --force``).
     force_stop: bool = False
     spec: VmSpec

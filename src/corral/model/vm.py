@@ -10,8 +10,10 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from corral.model.common import Labels, Name, ObjectMeta, Strict
 
 __all__ = [
+    "RESTART_POLICIES",
     "VM_STATES",
     "PowerState",
+    "RestartPolicy",
     "Vm",
     "VmCreate",
     "VmDisk",
@@ -20,11 +22,15 @@ __all__ = [
     "VmStatus",
 ]
 
-PowerState = Literal["running", "stopped"]
+PowerState = Literal["running", "stopped", "paused"]
+# What the node does when a VM goes down on its own (see ``VmSpec.restart_policy``).
+RestartPolicy = Literal["always", "on-failure", "never"]
+RESTART_POLICIES: tuple[str, ...] = RestartPolicy.__args__  # type: ignore[attr-defined]
 VmState = Literal[
     "pending",
     "starting",
     "running",
+    "paused",
     "stopping",
     "stopped",
     "crashed",
@@ -55,7 +61,15 @@ class VmSpec(Strict):
     )
     labels: Labels = Field(default_factory=dict)
     power_state: PowerState = Field(
-        default="running", description="running: keep it started; stopped: keep it off"
+        default="running",
+        description="running: keep it started; stopped: keep it off; paused: started, vCPUs frozen",
+    )
+    restart_policy: RestartPolicy = Field(
+        default="on-failure",
+        description=(
+            "when the VM goes down on its own: on-failure restarts it after a crash (not after "
+            "the guest powered itself off); always restarts it either way; never leaves it down"
+        ),
     )
     image: Name | None = Field(
         default=None, description="the image the VM boots the way of (its kernel, cmdline)"
@@ -114,6 +128,9 @@ class Vm(ObjectMeta):
     ``generation`` counts every change of intent (spec change or action); the node reports the
     generation it last applied as ``status.observed_generation``. ``reboot_generation`` is the
     generation of the last reboot request; the node reboots when it has not yet applied it.
+    ``power_generation`` is the generation of the last power request (create, start, stop,
+    pause, resume): a VM that is down although the node applied that request went down on its
+    own, and only ``spec.restart_policy`` decides whether it is started again.
     """
 
     kind: Literal["vm"] = "vm"
@@ -121,5 +138,6 @@ class Vm(ObjectMeta):
     status: VmStatus = Field(default_factory=VmStatus)
     generation: int = 1
     reboot_generation: int = 0
+    power_generation: int = 0
     force_stop: bool = False
     deleting: bool = False

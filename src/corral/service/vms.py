@@ -24,8 +24,10 @@ from corral.state.store import make_cursor
 
 __all__ = ["Accepted", "VmList", "VmService"]
 
-Action = Literal["start", "stop", "reboot", "delete"]
-_PATCHABLE = {"vcpus", "memory_mib", "labels"}
+Action = Literal["start", "stop", "reboot", "pause", "resume", "delete"]
+_PATCHABLE = {"vcpus", "memory_mib", "labels", "restart_policy"}
+# Observed states in which there is no guest to pause, resume or reboot.
+_DOWN_STATES = frozenset({"stopped", "crashed"})
 
 
 @dataclass(frozen=True)
@@ -119,6 +121,7 @@ class VmService:
             status=VmStatus(state="pending", message="waiting for placement"),
         )
         volume_ops, volume_expect = await self._volumes_for(req, vm)
+        vm.power_generation = vm.generation
         expected = vm.spec.power_state
         task = new_task(
             self.ctx,
@@ -223,7 +226,9 @@ class VmService:
         for key in patch:
             if key == "power_state":
                 raise ValidationFailed.one(
-                    key, "read-only", "change power with POST .../start or .../stop"
+                    key,
+                    "read-only",
+                    "change power with POST .../start, .../stop, .../pause or .../resume",
                 )
             if key not in _PATCHABLE:
                 raise ValidationFailed.one(
@@ -257,9 +262,10 @@ class VmService:
         *,
         with_disks: bool = False,
     ) -> Accepted:
-        """start / stop / reboot / delete: bump the VM's intent generation and add a task.
-
-        ``delete`` with ``with_disks`` also removes the VM's volumes once the VM is gone."""
+        """start / stop / reboot / pause / resume / delete: bump the VM's intent generation and
+        add a task. Raises Conflict (409) for an action the VM's state does not allow (see
+        ``_check_power``). ``delete`` with ``with_disks`` also removes the VM's volumes once
+        the VM is gone."""
         force = False
         if action == "stop" and body not in (None, {}):
             force = parse(StopBody, body).force
@@ -274,16 +280,21 @@ class VmService:
             self._check_if_match(vm, meta)
             if vm.deleting and action != "delete":
                 raise Conflict(f"vm {name!r} is being deleted")
+            if action != "delete":
+                self._check_power(vm, action)
             vm.generation += 1
-            if action == "start":
+            if action in ("start", "resume"):
                 vm.spec.power_state = "running"
                 vm.force_stop = False
+                vm.power_generation = vm.generation
             elif action == "stop":
                 vm.spec.power_state = "stopped"
                 vm.force_stop = force
+                vm.power_generation = vm.generation
+            elif action == "pause":
+                vm.spec.power_state = "paused"
+                vm.power_generation = vm.generation
             elif action == "reboot":
-                if vm.spec.power_state != "running":
-                    raise Conflict(f"vm {name!r} is stopped; start it instead of rebooting")
                 vm.reboot_generation = vm.generation
             else:
                 vm.deleting = True
@@ -328,6 +339,27 @@ class VmService:
         raise Conflict(f"vm {name!r} kept changing; try again")
 
     # -- helpers ---------------------------------------------------------------------------
+
+    @staticmethod
+    def _check_power(vm: Vm, action: str) -> None:
+        """Refuse (Conflict) pause, resume and reboot of a VM that has no running guest.
+
+        ``start`` and ``stop`` are always accepted: they say what the VM should be, whatever it
+        is now (``start`` on a paused VM resumes it). ``resume`` of a VM that runs is accepted
+        and changes nothing. A crashed VM is refused too, even one its restart policy is about
+        to restart: the user starts it (or waits) first.
+        """
+        if action in ("start", "stop"):
+            return
+        name = vm.name
+        want, seen = vm.spec.power_state, vm.status.state
+        start = f"start it first with `corral vm start {name}` (POST /api/v1/vms/{name}/start)"
+        if want == "stopped":
+            raise Conflict(f"vm {name!r} is stopped (its desired power state); {start}")
+        if seen in _DOWN_STATES:
+            raise Conflict(f"vm {name!r} is {seen}; {start}")
+        if action == "reboot" and want == "paused":
+            raise Conflict(f"vm {name!r} is paused; resume it first with `corral vm resume {name}`")
 
     @staticmethod
     def _check_if_match(vm: Vm, meta: RequestMeta) -> None:

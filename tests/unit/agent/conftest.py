@@ -59,6 +59,9 @@ class AgentFactory:
             "keepalive_s": 0.01,
             "retry_initial_s": 0.005,
             "retry_max_s": 0.02,
+            "restart_initial_s": 0.05,
+            "restart_max_s": 0.2,
+            "restart_reset_s": 60.0,
         }
         options.update(agent_options)
         agent = NodeAgent("hv-1", ns, wrap(fake) if wrap is not None else fake, **options)

@@ -130,8 +130,11 @@ def assignment(
     epoch: int = 1,
     generation: int = 1,
     reboot_generation: int = 0,
+    power_generation: int = 0,
     power_state: str = "running",
+    restart_policy: str = "on-failure",
     memory_mib: int = 512,
+    labels: dict[str, str] | None = None,
     vm_id: str | None = None,
     node: str = "hv-1",
 ) -> Assignment:
@@ -142,7 +145,15 @@ def assignment(
         epoch=epoch,
         generation=generation,
         reboot_generation=reboot_generation,
-        spec=VmSpec.model_validate({"power_state": power_state, "memory_mib": memory_mib}),
+        power_generation=power_generation,
+        spec=VmSpec.model_validate(
+            {
+                "power_state": power_state,
+                "restart_policy": restart_policy,
+                "memory_mib": memory_mib,
+                "labels": labels or {},
+            }
+        ),
     )
 
 

@@ -34,13 +34,17 @@ def vm_here(
 
 
 WEB = assignment("web-1", epoch=3, generation=2)
+# Started at generation 2 (its last power request), then its labels changed at 3 and 4.
+NEVER = assignment("web-1", epoch=3, generation=4, power_generation=2, restart_policy="never")
+ALWAYS = assignment("web-1", epoch=3, generation=4, power_generation=2, restart_policy="always")
+PAUSED = assignment("web-1", epoch=3, generation=3, power_state="paused")
 
 # (case, desired assignment or None, VM on this host or None, expected category)
 CASES: list[tuple[str, Assignment | None, DriverVm | None, str]] = [
     ("new assignment", WEB, None, "added"),
     ("unassigned vm", None, vm_here(WEB), "removed"),
     ("as desired", WEB, vm_here(WEB), "unchanged"),
-    ("stopped but wanted running", WEB, vm_here(WEB, state="stopped"), "updated"),
+    ("stopped, a start not yet applied", WEB, vm_here(WEB, state="stopped", applied=1), "updated"),
     ("crashed but wanted running", WEB, vm_here(WEB, state="crashed"), "updated"),
     (
         "running but wanted stopped",
@@ -53,6 +57,49 @@ CASES: list[tuple[str, Assignment | None, DriverVm | None, str]] = [
         "reboot requested",
         assignment("web-1", epoch=3, generation=3, reboot_generation=3),
         vm_here(WEB),
+        "updated",
+    ),
+    ("paused as desired", PAUSED, vm_here(PAUSED, state="paused"), "unchanged"),
+    ("paused but wanted running", WEB, vm_here(WEB, state="paused"), "updated"),
+    ("running but wanted paused", PAUSED, vm_here(WEB), "updated"),
+    ("crashed, policy never", NEVER, vm_here(NEVER, state="crashed"), "held"),
+    ("crashed, policy on-failure", WEB, vm_here(WEB, state="crashed"), "updated"),
+    (
+        "guest powered off, policy on-failure",
+        WEB,
+        vm_here(WEB, state="stopped", message="the guest powered itself off"),
+        "held",
+    ),
+    ("guest powered off, policy always", ALWAYS, vm_here(ALWAYS, state="stopped"), "updated"),
+    (
+        "crashed, policy never, then started again (a new power request)",
+        assignment("web-1", epoch=3, generation=5, power_generation=5, restart_policy="never"),
+        vm_here(NEVER, state="crashed"),
+        "updated",
+    ),
+    (
+        "crashed, policy never, then its labels changed",
+        assignment(
+            "web-1",
+            epoch=3,
+            generation=5,
+            power_generation=2,
+            restart_policy="never",
+            labels={"tier": "web"},
+        ),
+        vm_here(NEVER, state="crashed"),
+        "updated",
+    ),
+    (
+        "crashed, policy never, placed here again",
+        assignment("web-1", epoch=4, generation=4, power_generation=2, restart_policy="never"),
+        vm_here(NEVER, state="crashed"),
+        "updated",
+    ),
+    (
+        "stopped before its first start was applied",
+        assignment("web-1", epoch=3, generation=1, power_generation=1),
+        vm_here(assignment("web-1", epoch=3, generation=1), state="stopped", applied=0),
         "updated",
     ),
     (
@@ -92,7 +139,7 @@ def test_diff_vms_classifies_each_vm(
     diff = diff_vms({"web-1": desired} if desired else {}, {"web-1": actual} if actual else {})
     found = {
         name: getattr(diff, name)
-        for name in ("added", "removed", "replaced", "updated", "unchanged", "ignored")
+        for name in ("added", "removed", "replaced", "updated", "unchanged", "ignored", "held")
         if getattr(diff, name)
     }
     assert list(found) == [category]
@@ -109,7 +156,9 @@ def test_stale_epoch_is_ignored_with_a_reason_naming_both_epochs() -> None:
 
 def test_diff_handles_many_vms_at_once_sorted_by_name() -> None:
     a, b, c = (assignment(n) for n in ("a-1", "b-1", "c-1"))
-    diff = diff_vms({"a-1": a, "c-1": c}, {"b-1": vm_here(b), "c-1": vm_here(c, state="stopped")})
+    diff = diff_vms(
+        {"a-1": a, "c-1": c}, {"b-1": vm_here(b), "c-1": vm_here(c, state="stopped", applied=0)}
+    )
     assert [x.vm for x in diff.added] == ["a-1"]
     assert [x.name for x in diff.removed] == ["b-1"]
     assert [u.assignment.vm for u in diff.updated] == ["c-1"]
@@ -151,7 +200,71 @@ PLANS: list[tuple[str, Assignment | None, DriverVm | None, tuple[str, ...], str]
         WEB,
         vm_here(WEB, state="crashed"),
         ("start", "record"),
-        "starting vm web-1 (epoch 3, generation 2) after it crashed",
+        "starting vm web-1 (epoch 3, generation 2) after it crashed (restart policy on-failure)",
+    ),
+    (
+        "restart a guest that powered itself off, policy always",
+        ALWAYS,
+        vm_here(ALWAYS, state="stopped"),
+        ("start", "record"),
+        "starting vm web-1 (epoch 3, generation 4) after it powered itself off "
+        "(restart policy always)",
+    ),
+    (
+        "start a crashed vm whose policy is never: a new power request",
+        assignment("web-1", epoch=3, generation=5, power_generation=5, restart_policy="never"),
+        vm_here(NEVER, state="crashed"),
+        ("start", "record"),
+        "starting vm web-1 (epoch 3, generation 5) after it crashed",
+    ),
+    (
+        "labels of a crashed vm whose policy is never change: recorded, not started",
+        assignment(
+            "web-1",
+            epoch=3,
+            generation=5,
+            power_generation=2,
+            restart_policy="never",
+            labels={"tier": "web"},
+        ),
+        vm_here(NEVER, state="crashed"),
+        ("update", "record"),
+        "updating vm web-1 (epoch 3, generation 5)",
+    ),
+    (
+        "pause a running vm",
+        PAUSED,
+        vm_here(WEB),
+        ("update", "pause", "record"),
+        "updating and pausing vm web-1 (epoch 3, generation 3)",
+    ),
+    (
+        "resume a paused vm",
+        assignment("web-1", epoch=3, generation=4),
+        vm_here(PAUSED, state="paused"),
+        ("update", "resume", "record"),
+        "updating and resuming vm web-1 (epoch 3, generation 4)",
+    ),
+    (
+        "new paused vm",
+        PAUSED,
+        None,
+        ("define", "start", "pause", "record"),
+        "defining and starting and pausing vm web-1 (epoch 3, generation 3)",
+    ),
+    (
+        "paused vm found stopped (a new power request)",
+        PAUSED,
+        vm_here(PAUSED, state="stopped", applied=2),
+        ("start", "pause", "record"),
+        "starting and pausing vm web-1 (epoch 3, generation 3)",
+    ),
+    (
+        "stop a paused vm",
+        assignment("web-1", epoch=3, generation=4, power_state="stopped"),
+        vm_here(PAUSED, state="paused"),
+        ("update", "stop", "record"),
+        "updating and stopping vm web-1 (epoch 3, generation 4)",
     ),
     (
         "stop",
@@ -220,3 +333,36 @@ def test_plan_actions_steps_and_sentence(
     # applied_generation may only advance once everything else succeeded.
     if plan.assignment is not None:
         assert plan.steps[-1] == "record"
+
+
+@pytest.mark.parametrize(
+    ("policy", "state", "restarted"),
+    [
+        ("always", "crashed", True),
+        ("always", "stopped", True),
+        ("on-failure", "crashed", True),
+        ("on-failure", "stopped", False),
+        ("never", "crashed", False),
+        ("never", "stopped", False),
+    ],
+)
+def test_restart_policy_decides_whether_a_vm_that_went_down_is_started(
+    policy: str, state: RuntimeState, restarted: bool
+) -> None:
+    a = assignment("web-1", epoch=3, generation=2, restart_policy=policy)
+    diff = diff_vms({"web-1": a}, {"web-1": vm_here(a, state=state)})
+    plans = plan_actions(diff)
+    if restarted:
+        [plan] = plans
+        assert plan.restart and plan.steps == ("start", "record")
+        assert f"(restart policy {policy})" in plan.sentence
+    else:
+        assert plans == []
+        [held] = diff.held
+        assert held.reason.startswith(f"leaving vm web-1 {state}: restart policy {policy}")
+
+
+def test_only_a_vm_that_went_down_on_its_own_counts_as_a_restart() -> None:
+    a = assignment("web-1", epoch=3, generation=3, power_generation=3)
+    [plan] = plan_actions(diff_vms({"web-1": a}, {"web-1": vm_here(a, state="crashed", applied=2)}))
+    assert plan.steps == ("start", "record") and not plan.restart

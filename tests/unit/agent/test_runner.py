@@ -309,6 +309,12 @@ class CountingDriver:
     async def reboot(self, name: str) -> DriverVm:
         return await self._op(name, lambda: self.inner.reboot(name))  # type: ignore[return-value]
 
+    async def pause(self, name: str) -> DriverVm:
+        return await self._op(name, lambda: self.inner.pause(name))  # type: ignore[return-value]
+
+    async def resume(self, name: str) -> DriverVm:
+        return await self._op(name, lambda: self.inner.resume(name))  # type: ignore[return-value]
+
     async def update(self, name: str, vm: DriverVm) -> DriverVm:
         return await self._op(  # type: ignore[return-value]
             name, lambda: self.inner.update(name, vm)

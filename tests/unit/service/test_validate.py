@@ -20,6 +20,12 @@ from corral.service.validate import parse
         ({"name": "a", "colour": "red"}, "colour", "unknown-field", "unknown field"),
         ({}, "name", "required", "is required"),
         ({"name": "a", "power_state": "on"}, "power_state", "one-of", "must be one of"),
+        (
+            {"name": "a", "restart_policy": "sometimes"},
+            "restart_policy",
+            "one-of",
+            "must be one of 'always', 'on-failure' or 'never'",
+        ),
         ({"name": "a", "labels": {"bad key!": "x"}}, "labels", "format", "label key"),
     ],
 )
@@ -35,6 +41,7 @@ def test_errors_name_the_field_and_the_rule(
 def test_defaults_are_filled_in() -> None:
     vm = parse(VmCreate, {"name": "web-1"})
     assert (vm.vcpus, vm.memory_mib, vm.power_state, vm.labels) == (1, 512, "running", {})
+    assert vm.restart_policy == "on-failure"
 
 
 def test_body_must_be_an_object() -> None:

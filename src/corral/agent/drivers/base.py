@@ -79,6 +79,14 @@ class Driver(Protocol):
     async def reboot(self, name: str) -> DriverVm:
         """Reset a running VM (its ``started_at`` changes)."""
 
+    async def pause(self, name: str) -> DriverVm:
+        """Freeze a running VM's vCPUs (state ``paused``, ``started_at`` kept). Idempotent when
+        paused; raises DriverError when the VM is neither running nor paused."""
+
+    async def resume(self, name: str) -> DriverVm:
+        """Let a paused VM run on from where it was. Idempotent when running; raises
+        DriverError when the VM is neither running nor paused."""
+
     async def update(self, name: str, vm: DriverVm) -> DriverVm:
         """Store a new spec / generation; hardware changes take effect at the next start."""
 

@@ -13,8 +13,9 @@ agent restart: ``recover()`` returns the same VMs, still running, with the same 
 (running VMs are re-attached, never restarted).
 
 Timings and failures are injectable: ``start_delay_s`` / ``stop_delay_s`` make start and
-graceful stop take time, ``fail_start`` is an fnmatch glob of VM names whose start fails, and
-``inject_crash(name)`` turns a running VM ``crashed``.
+graceful stop take time, ``fail_start`` is an fnmatch glob of VM names whose start fails,
+``inject_crash(name)`` turns a running VM ``crashed`` and ``inject_poweroff(name)`` makes its
+guest power itself off.
 """
 
 from __future__ import annotations
@@ -209,6 +210,15 @@ class FakeDriver:
             raise DriverError(f"fake driver: cannot crash vm {name}: it is {vm.state}")
         self._set(replace(vm, state="crashed", started_at=None, message="fake driver: crashed"))
 
+    def inject_poweroff(self, name: str) -> None:
+        """Make a running VM's guest power itself off (``stopped``, the message says so);
+        raises DriverError when it is not running."""
+        vm = self._get(name)
+        if vm.state != "running":
+            raise DriverError(f"fake driver: cannot power off vm {name}: it is {vm.state}")
+        message = "the guest powered itself off"
+        self._set(replace(vm, state="stopped", started_at=None, message=message))
+
     # -- the Driver protocol ----------------------------------------------------------------
 
     async def fingerprint(self) -> dict[str, str]:
@@ -261,7 +271,7 @@ class FakeDriver:
             if delay > 0:
                 await asyncio.sleep(delay)
         vm = self._get(name)
-        return self._set(replace(vm, state="stopped", started_at=None))
+        return self._set(replace(vm, state="stopped", started_at=None, message=""))
 
     async def reboot(self, name: str) -> DriverVm:
         """Reset a running VM: ``started_at`` becomes now. Raises DriverError if not running."""
@@ -269,6 +279,25 @@ class FakeDriver:
         if vm.state != "running":
             raise DriverError(f"fake driver: cannot reboot vm {name}: it is {vm.state}")
         return self._set(replace(vm, started_at=self._now_after(vm.started_at)))
+
+    async def pause(self, name: str) -> DriverVm:
+        """Freeze a running VM (``started_at`` kept). Idempotent when paused; raises
+        DriverError when it is neither running nor paused."""
+        return self._pause_or_resume(name, "paused")
+
+    async def resume(self, name: str) -> DriverVm:
+        """Unfreeze a paused VM. Idempotent when running; raises DriverError when it is neither
+        running nor paused."""
+        return self._pause_or_resume(name, "running")
+
+    def _pause_or_resume(self, name: str, want: RuntimeState) -> DriverVm:
+        vm = self._get(name)
+        if vm.state == want:
+            return _copy(vm)
+        if vm.state not in ("running", "paused"):
+            verb = "pause" if want == "paused" else "resume"
+            raise DriverError(f"fake driver: cannot {verb} vm {name}: it is {vm.state}")
+        return self._set(replace(vm, state=want))
 
     async def update(self, name: str, vm: DriverVm) -> DriverVm:
         """Store ``vm``'s spec, epoch, generations, message and extra; the runtime state and

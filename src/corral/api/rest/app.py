@@ -248,7 +248,7 @@ def create_app(services: ApiServices) -> FastAPI:
     async def vm_action(
         request: Request,
         name: NameParam,
-        action: Literal["start", "stop", "reboot"],
+        action: Literal["start", "stop", "reboot", "pause", "resume"],
         wait: Wait = False,
         timeout: Timeout = 60.0,
         if_match: IfMatch = None,

@@ -677,8 +677,6 @@ class QemuDriver:
         for name in builtins.list(self._sessions):
             await self._drop_session(name)
 
-    # -- beyond the protocol ----------------------------------------------------------------
-
     async def pause(self, name: str) -> DriverVm:
         """Freeze a running VM's vCPUs (QMP ``stop``); idempotent when paused. Raises
         DriverError when the VM is neither."""
@@ -794,6 +792,8 @@ class QemuDriver:
             )
         except ValidationError as exc:
             raise DriverError(f"qemu driver: vm {name}: disk: {validation_message(exc)}") from exc
+
+    # -- beyond the protocol ----------------------------------------------------------------
 
     def console_log_path(self, name: str) -> Path:
         """The file every byte the guest printed on its serial console is appended to."""
