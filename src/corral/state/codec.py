@@ -15,11 +15,14 @@ from corral.model import (
     Assignment,
     ClusterInfo,
     IdempotencyRecord,
+    Image,
     LeaderRecord,
     Node,
+    Pool,
     Task,
     Token,
     Vm,
+    Volume,
 )
 
 __all__ = ["CURRENT_VERSION", "CodecError", "decode", "encode", "model_for"]
@@ -38,6 +41,9 @@ _MODELS: dict[str, type[BaseModel]] = {
     "leader": LeaderRecord,
     "idempotency": IdempotencyRecord,
     "assignment": Assignment,
+    "pool": Pool,
+    "volume": Volume,
+    "image": Image,
 }
 
 M = TypeVar("M", bound=BaseModel)
