@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import sys
@@ -26,7 +27,7 @@ from corral.cli.render import (
     state_cell,
 )
 from corral.cli.waiting import finish_action
-from corral.client import ApiObject, NotFound
+from corral.client import ApiObject, CorralError, NotFound
 
 __all__ = ["attach_disk_commands", "image_app", "parse_gib", "pool_app", "volume_app"]
 
@@ -395,6 +396,8 @@ def image_import(
         raise typer.BadParameter("--url needs --sha256 (the checksum is verified)")
     files, boot, cmd = _image_files(file, kernel, initrd, cmdline)
     body: dict[str, Any] = {"name": name, "boot": boot}
+    if "initrd" in files:
+        body["initrd"] = True
     if cmd:
         body["cmdline"] = cmd
     if url is not None:
@@ -411,14 +414,20 @@ def image_import(
         disable=not show,
         transient=True,
     ) as progress:
-        for what in ("disk", "kernel", "initrd"):
-            path = files.get(what)
-            if path is None:
-                continue
-            digest = _sha256(path)
-            image = client.upload_image_file(
-                name, what, _read_chunks(path, progress, f"{what} {path.name}"), sha256=digest
-            )
+        try:
+            for what in ("disk", "kernel", "initrd"):
+                path = files.get(what)
+                if path is None:
+                    continue
+                digest = _sha256(path)
+                image = client.upload_image_file(
+                    name, what, _read_chunks(path, progress, f"{what} {path.name}"), sha256=digest
+                )
+        except CorralError:
+            # A refused or broken upload leaves nothing behind: the record goes too.
+            with contextlib.suppress(CorralError):
+                client.delete_object("images", name)
+            raise
     if state.wants_json(output):
         print_json(image)
         return

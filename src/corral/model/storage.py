@@ -193,6 +193,9 @@ class ImageSpec(Strict):
         "kernel (and initrd) with cmdline",
     )
     cmdline: str = Field(default="", max_length=2047)
+    initrd: bool = Field(
+        default=False, description="direct-kernel: an initrd is uploaded with the kernel"
+    )
     source: ImageSource | None = None
     labels: Labels = Field(default_factory=dict)
 
@@ -202,6 +205,8 @@ class ImageSpec(Strict):
             raise ValueError("cmdline: must not contain control characters")
         if self.cmdline and self.boot != "direct-kernel":
             raise ValueError("cmdline: only with boot 'direct-kernel'")
+        if self.initrd and self.boot != "direct-kernel":
+            raise ValueError("initrd: only with boot 'direct-kernel'")
         return self
 
 
@@ -232,8 +237,10 @@ class ImageStatus(BaseModel):
     files: dict[str, ImageFile] = Field(default_factory=dict)
     message: str = ""
 
-    def missing(self, boot: str) -> list[str]:
-        want = ["disk", "kernel"] if boot == "direct-kernel" else ["disk"]
+    def missing(self, spec: ImageSpec) -> list[str]:
+        want = ["disk"]
+        if spec.boot == "direct-kernel":
+            want += ["kernel", "initrd"] if spec.initrd else ["kernel"]
         return [f for f in want if f not in self.files]
 
 

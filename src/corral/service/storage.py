@@ -532,7 +532,7 @@ class ImageService:
             image.status.state = "downloading"
             image.status.message = f"downloading {req.source.url} on {self.node}"
         else:
-            missing = image.status.missing(image.spec.boot)
+            missing = image.status.missing(image.spec)
             image.status.message = f"waiting for the upload of: {', '.join(missing)}"
         try:
             rev = await self.ctx.store.commit(
@@ -566,6 +566,10 @@ class ImageService:
             raise ValidationFailed.one(
                 "file", "boot", f"image {name!r} boots from its disk: it takes no {file}"
             )
+        if file == "initrd" and not image.spec.initrd:
+            raise ValidationFailed.one(
+                "file", "initrd", f"image {name!r} was created without an initrd (initrd: false)"
+            )
         if self.store is None:
             raise Unavailable("this host keeps no image files; upload to a server")
         path, sha, size = await self.store.receive_image_file(
@@ -593,7 +597,7 @@ class ImageService:
             if image.id != image_id:
                 raise Conflict(f"image {name!r} was replaced during the upload")
             image.status.files[file] = entry
-            missing = image.status.missing(image.spec.boot)
+            missing = image.status.missing(image.spec)
             if missing:
                 image.status.message = f"waiting for the upload of: {', '.join(missing)}"
             else:
