@@ -40,6 +40,13 @@ for _ in $(seq 1 300); do
   fi
   sleep 0.2
 done
+if [ "$driver" = "qemu" ]; then
+  # The test guest as an image in the cluster (once): disk, kernel and initrd, checked by sha256.
+  if ! .venv/bin/corral --addr "$url" image show tiny >/dev/null 2>&1; then
+    .venv/bin/corral --addr "$url" image import tiny --file "$PWD/.cache/guest/tiny.json" >/dev/null \
+      || echo "WARNING: could not import the test image (see $CORRAL_DATA_DIR/agent.log)" >&2
+  fi
+fi
 cat <<MSG
 
   corral is running: node $CORRAL_NAME, data in $CORRAL_DATA_DIR
@@ -52,8 +59,8 @@ if [ "$driver" = "fake" ]; then
 MSG
 else
   cat <<MSG
-  Driver:    qemu -- every VM boots the built-in test guest (Debian kernel + busybox initramfs,
-             .cache/guest) under QEMU; disks and images arrive with the storage work.
+  Driver:    qemu -- guests run under QEMU; pool "local" ($CORRAL_DATA_DIR/pools/local) and
+             image "tiny" (the test guest: Debian kernel + busybox initramfs) are ready.
 MSG
 fi
 cat <<MSG
@@ -61,10 +68,11 @@ cat <<MSG
   Try, in another terminal:
     export PATH=$PWD/.venv/bin:\$PATH
     corral cluster status
-    corral vm create web-1 --vcpus 1 --memory 256 --label tier=web
+    corral vm create web-1 --image tiny --disk 1G --memory 256 --label tier=web
     corral vm ls
-    corral vm log web-1           # the guest's serial console: corral-heartbeat 1, 2, 3...
-    pgrep -a qemu-system          # the guest's QEMU process (with the qemu driver)
+    corral vm console web-1       # the live serial console (type "echo hi"); Ctrl-] leaves
+    corral vm log web-1           # its recent output: corral-heartbeat 1, 2, 3...
+    corral volume create data-1 --size 1G && corral vm disk attach web-1 data-1
 
   Ctrl-C stops the agent (the cluster's state stays in $CORRAL_DATA_DIR). Guests keep running
   without it, like on a Proxmox host, and the next make run re-attaches to them: stop them first
