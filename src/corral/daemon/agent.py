@@ -19,6 +19,7 @@ from typing import Any
 
 import uvicorn
 
+from corral.agent.console import LocalConsoles
 from corral.agent.drivers import Driver, QemuDriver
 from corral.agent.inventory import collect_inventory
 from corral.agent.nodeapi import NodeService as NodeServiceProtocol
@@ -37,6 +38,7 @@ from corral.daemon.settings import AgentSettings
 from corral.errors import Conflict, CorralError, DriverError
 from corral.model import ClusterConfig, ClusterInfo, Node, new_id, utcnow
 from corral.service.console import ConsoleService
+from corral.service.console_tickets import ConsoleTickets
 from corral.service.context import ServiceContext, ServiceSettings
 from corral.service.join import JoinService
 from corral.service.node_api import LocalNodeService
@@ -71,6 +73,11 @@ def _tail(path: Path, max_bytes: int) -> bytes:
             return fh.read()
     except FileNotFoundError:
         return b""
+
+
+def _console_tickets(identity: ClusterIdentity) -> ConsoleTickets | None:
+    """Console tickets signed with a key every host derives from the cluster's gossip key."""
+    return ConsoleTickets.from_secret(identity.gossip_key) if identity.gossip_key else None
 
 
 class _SerfView:
@@ -108,6 +115,7 @@ class Agent:
         self.election: LeaderElection | None = None
         self.remote: RemoteNodeService | None = None
         self.driver: Driver | None = None
+        self.consoles: LocalConsoles | None = None
         self._stop = asyncio.Event()
         self._background: set[asyncio.Task[None]] = set()
 
@@ -299,6 +307,7 @@ class Agent:
         identity = self.identity = await self._identity()
         tasks: list[asyncio.Task[Any]] = []
         grpc_server = None
+        consoles = self.consoles = LocalConsoles(driver, s.name)
         if identity.role == "server":
             endpoints = await self._start_etcd(identity)
             store = self.store = Store(endpoints)
@@ -315,7 +324,13 @@ class Agent:
                     cluster=ClusterService(ctx),
                     tokens=TokenService(ctx),
                     join=JoinService(ctx),
-                    console=ConsoleService(ctx, s.name, self.local_console),
+                    console=ConsoleService(
+                        ctx,
+                        s.name,
+                        self.local_console,
+                        tickets=_console_tickets(identity),
+                        open_local=consoles.open,
+                    ),
                     readiness=self.readiness,
                 )
             )
@@ -338,7 +353,11 @@ class Agent:
             )
             node_service = self.remote
             app = create_proxy_app(
-                lambda: identity.server_api_urls, self.readiness, self.local_console
+                lambda: identity.server_api_urls,
+                self.readiness,
+                self.local_console,
+                tickets=_console_tickets(identity),
+                open_local=consoles.open,
             )
 
         try:
@@ -456,6 +475,9 @@ class Agent:
                 )
         if self.election is not None:
             await self.election.resign()
+        if self.consoles is not None:
+            with contextlib.suppress(Exception):
+                await self.consoles.close()
         server.should_exit = True
         for t in tasks:
             if t.get_name() != "api":
