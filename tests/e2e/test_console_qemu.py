@@ -9,6 +9,7 @@ where it does not (server -> compute host, and compute host -> server).
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import select
@@ -271,3 +272,27 @@ def test_corral_vm_console_in_a_pipe(hosts: dict[str, AgentProcess]) -> None:
     )
     assert done.returncode == 0, done.stderr
     assert re.search(rb"(^|\n)hi-pipe\r?\n", done.stdout), done.stdout[-400:]
+
+
+def test_a_ticket_for_another_client(hosts: dict[str, AgentProcess]) -> None:
+    """`--ticket-only -o json` hands a VNC ticket to another client (e.g. noVNC)."""
+    done = subprocess.run(
+        [
+            *(sys.executable, "-m", "corral", "--addr", hosts["n1"].url, "-o", "json"),
+            *("vm", "console", "con-1", "--ticket-only", "--vnc"),
+        ],
+        capture_output=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    ticket = json.loads(done.stdout)
+    assert ticket["console"] == "vnc" and ticket["path"].startswith("/api/v1/vms/con-1/vnc?")
+
+    async def banner() -> bytes:
+        url = "ws://" + hosts["c1"].url.removeprefix("http://") + ticket["path"]
+        async with connect(url) as ws:
+            message = await asyncio.wait_for(ws.recv(), 15)
+            assert isinstance(message, bytes)
+            return message
+
+    assert asyncio.run(banner()) == b"RFB 003.008\n"
