@@ -296,3 +296,26 @@ def test_a_ticket_for_another_client(hosts: dict[str, AgentProcess]) -> None:
             return message
 
     assert asyncio.run(banner()) == b"RFB 003.008\n"
+
+
+async def test_viewers_are_told_when_the_vm_stops(hosts: dict[str, AgentProcess]) -> None:
+    """(Last in this module: it stops con-2.) Forwarded or not, the WebSocket closes with
+    1001 and a reason saying the VM stopped."""
+    vm = "con-2"
+    async with (
+        connect(await ticket_url(hosts["n1"], vm)) as first,
+        connect(await ticket_url(hosts["c1"], vm)) as second,
+    ):
+        await read_until(first, r"corral-heartbeat \d+")
+        await read_until(second, r"corral-heartbeat \d+")
+        async with httpx.AsyncClient(base_url=hosts["n1"].url, timeout=90) as c:
+            r = await c.post(f"/api/v1/vms/{vm}/stop", params={"wait": "true", "timeout": "60"})
+        assert r.json()["object"]["status"]["state"] == "stopped", r.text
+        for ws in (first, second):
+            with pytest.raises(ConnectionClosed) as closed:
+                async with asyncio.timeout(30):
+                    while True:
+                        await ws.recv()
+            assert closed.value.rcvd is not None
+            assert closed.value.rcvd.code == 1001
+            assert closed.value.rcvd.reason == f"vm {vm}'s console closed: the VM stopped"

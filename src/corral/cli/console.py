@@ -67,12 +67,17 @@ class _Stdin:
     def __init__(self, fd: int) -> None:
         self.fd = fd
         self.queue: asyncio.Queue[bytes] = asyncio.Queue()
-        # epoll cannot watch regular files (`< file`); they never block, so read them directly.
-        self.selectable = not stat.S_ISREG(os.fstat(fd).st_mode)
         self._loop = asyncio.get_running_loop()
+        # epoll cannot watch regular files (`< file`) nor /dev/null; they never block, so
+        # they are read directly.
+        self.selectable = not stat.S_ISREG(os.fstat(fd).st_mode)
         if self.selectable:
-            os.set_blocking(fd, False)
-            self._loop.add_reader(fd, self._readable)
+            try:
+                self._loop.add_reader(fd, self._readable)
+            except PermissionError:
+                self.selectable = False
+            else:
+                os.set_blocking(fd, False)
 
     def _readable(self) -> None:
         try:
