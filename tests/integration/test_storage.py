@@ -12,7 +12,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.integration.harness import AgentProcess, wait_for
+from tests.integration.harness import AgentProcess, node_states, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -72,6 +72,7 @@ def test_the_local_pool_exists_and_volumes_are_made_on_their_host(
         assert r.status_code == 201, r.text
         assert r.json()["status"]["state"] == "pending"
         # With a host: the file exists when the call returns.
+        wait_for(lambda: node_states(agent) == {"n1": "ready"}, 20, "n1 to be ready")
         r = c.post("/api/v1/volumes", json={"name": "now-1", "size_gib": 2, "node": "n1"})
         assert r.status_code == 201, r.text
         vol = r.json()

@@ -1,5 +1,5 @@
 """`corral vm ...`: list, show, create, edit, start, stop, reboot, pause, resume and delete
-virtual machines."""
+virtual machines, and read (`log`) or attach to (`console`) their serial consoles."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from typing import Annotated, Any
 
 import typer
 
+from corral.cli.console import run_console
 from corral.cli.context import CliState, OutputFormat, get_state
 from corral.cli.params import (
     LabelsOpt,
@@ -190,6 +191,76 @@ def vm_log(
 ) -> None:
     """Print the end of the VM's serial console output (what the guest printed)."""
     typer.echo(get_state(ctx).client().console_log(name, max_bytes=max_bytes), nl=False)
+
+
+@vm_app.command("console")
+def vm_console(
+    ctx: typer.Context,
+    name: NameArg,
+    timeout: Annotated[
+        float | None,
+        typer.Option(
+            "--timeout", min=0.1, help="Leave after this many seconds.", show_default=False
+        ),
+    ] = None,
+    linger: Annotated[
+        float,
+        typer.Option(
+            "--linger",
+            min=0,
+            help="When stdin is not a terminal: seconds to keep printing after it ends.",
+        ),
+    ] = 2.0,
+    ticket_only: Annotated[
+        bool,
+        typer.Option(
+            "--ticket-only", help="Print a console ticket (for another client) and leave."
+        ),
+    ] = False,
+    vnc: Annotated[
+        bool, typer.Option("--vnc", help="With --ticket-only: a ticket for the VNC console.")
+    ] = False,
+    output: OutputOpt = None,
+) -> None:
+    """Attach to the VM's serial console (read and type); Ctrl-] leaves.
+
+    With stdin not a terminal it is scriptable: `echo uptime | corral vm console web-1`
+    sends stdin, prints the output and leaves --linger seconds after stdin ends.
+    """
+    state = get_state(ctx)
+    if vnc and not ticket_only:
+        raise typer.BadParameter(
+            "a VNC console needs a VNC viewer: use --vnc with --ticket-only and give the "
+            "ticket's path to noVNC or websockify",
+            param_hint="'--vnc'",
+        )
+    client = state.client()
+    ticket = client.console_ticket(name, "vnc" if vnc else "serial")
+    if ticket_only:
+        if state.wants_json(output):
+            print_json(ticket)
+        else:
+            emit(
+                state.out,
+                kv_view(
+                    [
+                        ("Ticket", cell(ticket.get("ticket"))),
+                        ("Console", cell(ticket.get("console"))),
+                        ("Expires", cell(ticket.get("expires_at"))),
+                        ("URL", cell(client.console_url(ticket))),
+                    ]
+                ),
+            )
+        return
+    end = run_console(
+        client.console_url(ticket),
+        name=name,
+        linger=linger,
+        timeout=timeout,
+        err=lambda line: state.err.print(line, markup=False, highlight=False),
+    )
+    if end.exit_code:
+        raise typer.Exit(end.exit_code)
 
 
 @vm_app.command("show")

@@ -351,6 +351,25 @@ class CorralClient:
         )
         return response.content.decode("utf-8", errors="replace")
 
+    def console_ticket(self, name: str, console: str = "serial") -> ApiObject:
+        """`POST /api/v1/vms/{name}/console/ticket`: a single-use ticket (valid about 60 s) for
+        the VM's `console` ("serial" or "vnc"): `{ticket, vm, vm_id, console, expires_at,
+        path}`. Connect to `console_url(ticket)` with a WebSocket client to use it. Raises
+        NotFound (no such VM) or Conflict (not running, or its host's driver has no consoles).
+        """
+        response = self._send(
+            "POST", f"{_API}/vms/{_seg(name)}/console/ticket", body={"console": console}
+        )
+        return self._object(response)
+
+    def console_url(self, ticket: ApiObject) -> str:
+        """The ws:// (or wss://) URL of the console a `console_ticket` answer opens."""
+        path = str(ticket.get("path") or "")
+        if not path.startswith("/"):
+            raise ApiError(f"{self._base_url} answered a console ticket without a path")
+        scheme, rest = self._base_url.split("://", 1)
+        return f"{'wss' if scheme == 'https' else 'ws'}://{rest.rstrip('/')}{path}"
+
     def create_vm(
         self,
         spec: Mapping[str, Any],

@@ -21,6 +21,7 @@ import httpx
 import uvicorn
 from pydantic import ValidationError
 
+from corral.agent.console import LocalConsoles
 from corral.agent.drivers import Driver, QemuDriver
 from corral.agent.inventory import collect_inventory
 from corral.agent.nodeapi import NodeService as NodeServiceProtocol
@@ -41,6 +42,7 @@ from corral.errors import Conflict, CorralError, DriverError, Malformed, Unavail
 from corral.model import ClusterConfig, ClusterInfo, Node, new_id, utcnow
 from corral.model.assignment import AssignedDisk, AssignedImageFile
 from corral.service.console import ConsoleService
+from corral.service.console_tickets import ConsoleTickets
 from corral.service.context import ServiceContext, ServiceSettings
 from corral.service.join import JoinService
 from corral.service.node_api import LocalNodeService
@@ -76,6 +78,11 @@ def _tail(path: Path, max_bytes: int) -> bytes:
             return fh.read()
     except FileNotFoundError:
         return b""
+
+
+def _console_tickets(identity: ClusterIdentity) -> ConsoleTickets | None:
+    """Console tickets signed with a key every host derives from the cluster's gossip key."""
+    return ConsoleTickets.from_secret(identity.gossip_key) if identity.gossip_key else None
 
 
 class _SerfView:
@@ -114,6 +121,7 @@ class Agent:
         self.remote: RemoteNodeService | None = None
         self.driver: Driver | None = None
         self.storage: HostStorage | None = None
+        self.consoles: LocalConsoles | None = None
         self._stop = asyncio.Event()
         self._background: set[asyncio.Task[None]] = set()
 
@@ -369,6 +377,7 @@ class Agent:
         storage = self.storage = HostStorage(self.data_dir, fetch=self._fetch_image_file)
         tasks: list[asyncio.Task[Any]] = []
         grpc_server = None
+        consoles = self.consoles = LocalConsoles(driver, s.name)
         if identity.role == "server":
             endpoints = await self._start_etcd(identity)
             store = self.store = Store(endpoints)
@@ -389,7 +398,13 @@ class Agent:
                     cluster=ClusterService(ctx),
                     tokens=TokenService(ctx),
                     join=JoinService(ctx),
-                    console=ConsoleService(ctx, s.name, self.local_console),
+                    console=ConsoleService(
+                        ctx,
+                        s.name,
+                        self.local_console,
+                        tickets=_console_tickets(identity),
+                        open_local=consoles.open,
+                    ),
                     readiness=self.readiness,
                     pools=PoolService(ctx),
                     volumes=VolumeService(ctx),
@@ -427,6 +442,8 @@ class Agent:
                 self.readiness,
                 self.local_console,
                 local_storage=self.local_storage,
+                tickets=_console_tickets(identity),
+                open_local=consoles.open,
             )
 
         try:
@@ -545,6 +562,9 @@ class Agent:
                 )
         if self.election is not None:
             await self.election.resign()
+        if self.consoles is not None:
+            with contextlib.suppress(Exception):
+                await self.consoles.close()
         server.should_exit = True
         for t in tasks:
             if t.get_name() != "api":

@@ -7,7 +7,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
-from fastapi import Body, FastAPI, Header, Path, Query, Request
+from fastapi import Body, FastAPI, Header, Path, Query, Request, WebSocket
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
 from corral import __version__
@@ -15,9 +15,11 @@ from corral.api.rest import render
 from corral.api.rest.errors import install_error_handlers, problem
 from corral.api.rest.middleware import BodyLimitMiddleware, RequestIdMiddleware
 from corral.api.rest.storage import UPLOAD_PATH, LocalStorage, add_storage_routes
+from corral.api.rest.ws import serve_console
 from corral.errors import Malformed, NotFound
 from corral.model import Task, TokenCreate, Vm, VmCreate
-from corral.service.console import ConsoleService
+from corral.service.console import ConsoleService, parse_kind
+from corral.service.console_tickets import ConsoleKind
 from corral.service.context import RequestMeta
 from corral.service.join import JoinService
 from corral.service.nodes import ClusterService, NodeService
@@ -274,6 +276,36 @@ def create_app(services: ApiServices) -> FastAPI:
         """The last bytes the guest printed on its serial console."""
         data = await services.console.tail(name, max_bytes, local_only=local)
         return Response(data, media_type="text/plain; charset=utf-8")
+
+    @app.post("/api/v1/vms/{name}/console/ticket", tags=["vms"])
+    async def console_ticket(
+        name: NameParam,
+        body: Annotated[
+            dict[str, Any] | None, Body(examples=[{"console": "serial"}, {"console": "vnc"}])
+        ] = None,
+    ) -> JSONResponse:
+        """A ticket (valid 60 s, single use) to open the VM's serial or VNC console WebSocket:
+        connect to ``path`` (it carries the ticket) with ws:// on any host's API."""
+        return JSONResponse(await services.console.ticket(name, parse_kind(body)))
+
+    async def console_ws(websocket: WebSocket, name: str, kind: ConsoleKind) -> None:
+        params = websocket.query_params
+        await serve_console(
+            websocket,
+            lambda: services.console.open(
+                name, kind, params.get("ticket"), local_only=params.get("local") == "true"
+            ),
+        )
+
+    @app.websocket("/api/v1/vms/{name}/console")
+    async def serial_console(websocket: WebSocket, name: str) -> None:
+        """The VM's serial console, both ways, as binary messages (``?ticket=`` required)."""
+        await console_ws(websocket, name, "serial")
+
+    @app.websocket("/api/v1/vms/{name}/vnc")
+    async def vnc_console(websocket: WebSocket, name: str) -> None:
+        """The VM's VNC server (RFB over binary messages, for noVNC; ``?ticket=`` required)."""
+        await console_ws(websocket, name, "vnc")
 
     @app.get("/api/v1/tasks", tags=["tasks"])
     async def list_tasks(

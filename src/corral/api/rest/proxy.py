@@ -1,21 +1,36 @@
 """The REST API of a compute-only host: it keeps no state, so it forwards every API call to a
 server (failing over between them) and answers only its own health itself. ``--join`` and
-``CORRAL_ADDR`` therefore work with the address of any host."""
+``CORRAL_ADDR`` therefore work with the address of any host.
+
+It also serves the consoles of the VMs it runs when a server forwards them here
+(``local=true``: the console log, and the serial and VNC WebSockets after checking their
+ticket); a console WebSocket opened here without ``local=true`` goes to a server, which
+finds the VM's host."""
 
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from typing import Annotated, Any
+from urllib.parse import urlencode
 
 import httpx
-from fastapi import Body, FastAPI, Request
+from fastapi import Body, FastAPI, Request, WebSocket
 from fastapi.responses import JSONResponse, Response
 
 from corral import __version__
 from corral.api.rest.errors import install_error_handlers, problem
 from corral.api.rest.middleware import BodyLimitMiddleware, RequestIdMiddleware
 from corral.api.rest.storage import UPLOAD_PATH
+from corral.api.rest.ws import serve_console
 from corral.errors import Unavailable
+from corral.service.console import (
+    ConsoleChannel,
+    OpenLocalConsole,
+    RemoteChannel,
+    console_path,
+    ws_base,
+)
+from corral.service.console_tickets import ConsoleKind, ConsoleTickets
 from corral.telemetry import REQUEST_ID
 
 __all__ = ["create_proxy_app"]
@@ -30,6 +45,8 @@ def create_proxy_app(
     *,
     local_storage: Callable[[dict[str, Any]], Awaitable[dict[str, Any]]] | None = None,
     max_body_bytes: int = 1024 * 1024,
+    tickets: ConsoleTickets | None = None,
+    open_local: OpenLocalConsole | None = None,
 ) -> FastAPI:
     app = FastAPI(
         title="corral (compute host)",
@@ -90,6 +107,41 @@ def create_proxy_app(
             "image files are kept by servers: point the CLI at a server host (--addr or "
             "CORRAL_ADDR) to upload them",
         )
+
+    async def open_console(
+        name: str, kind: ConsoleKind, ticket: str | None, local: bool
+    ) -> ConsoleChannel:
+        if tickets is None or open_local is None:
+            raise Unavailable("this host cannot check console tickets yet; retry")
+        if local:
+            claims = tickets.verify(ticket, name, kind, consume=True)
+            return await open_local(name, claims.vm_id, kind)
+        claims = tickets.verify(ticket, name, kind, consume=False)
+        tried = []
+        for base in upstreams():
+            url = f"{ws_base(base)}{console_path(name, kind)}?{urlencode({'ticket': claims.token})}"
+            try:
+                return await RemoteChannel.open(url, f"server {base}")
+            except Unavailable as exc:
+                tried.append(exc.detail)
+        raise Unavailable(
+            "this compute host could not reach any server: " + ("; ".join(tried) or "none known")
+        )
+
+    async def console_ws(websocket: WebSocket, name: str, kind: ConsoleKind) -> None:
+        params = websocket.query_params
+        await serve_console(
+            websocket,
+            lambda: open_console(name, kind, params.get("ticket"), params.get("local") == "true"),
+        )
+
+    @app.websocket("/api/v1/vms/{name}/console")
+    async def serial_console(websocket: WebSocket, name: str) -> None:
+        await console_ws(websocket, name, "serial")
+
+    @app.websocket("/api/v1/vms/{name}/vnc")
+    async def vnc_console(websocket: WebSocket, name: str) -> None:
+        await console_ws(websocket, name, "vnc")
 
     @app.api_route("/api/{path:path}", methods=["GET", "POST", "PATCH", "PUT", "DELETE"])
     async def forward(request: Request, path: str) -> Response:
