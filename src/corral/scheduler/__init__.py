@@ -2,6 +2,7 @@
 
 from corral.scheduler.index import ClusterIndex
 from corral.scheduler.plan import Plan, PlanRow
+from corral.scheduler.rebalance import Move, imbalance, plan_moves
 from corral.scheduler.snapshot import (
     Group,
     NodeView,
@@ -16,6 +17,7 @@ from corral.scheduler.stack import Scheduler, schedule
 __all__ = [
     "ClusterIndex",
     "Group",
+    "Move",
     "NodeView",
     "PlacedVm",
     "Plan",
@@ -25,5 +27,7 @@ __all__ = [
     "Request",
     "Scheduler",
     "Snapshot",
+    "imbalance",
+    "plan_moves",
     "schedule",
 ]

@@ -13,7 +13,8 @@ live migration from its current host, applies it to its own copy of the cluster,
 It stops when the best move gains less than ``min_gain``, after ``max_moves`` moves (the budget
 of concurrent migrations), or when nothing can move. A VM moves at most once per plan; VMs in
 ``held_down_vms`` (recently migrated, or migrating now) do not move at all. To stay fast on big
-clusters it takes source VMs only from the ``SOURCE_HOSTS`` hosts that add most to the score.
+clusters it takes source VMs only from the ``SOURCE_HOSTS`` hosts that add most to the score
+and tries only the ``TARGET_HOSTS`` least used hosts as targets.
 Every move's ``score_after`` is recomputed exactly, so the score never goes up.
 """
 
@@ -27,12 +28,14 @@ from corral.scheduler.index import ClusterIndex
 from corral.scheduler.snapshot import Snapshot
 from corral.scheduler.stack import Scheduler
 
-__all__ = ["SOURCE_HOSTS", "WEIGHTS", "Move", "imbalance", "plan_moves"]
+__all__ = ["SOURCE_HOSTS", "TARGET_HOSTS", "WEIGHTS", "Move", "imbalance", "plan_moves"]
 
 # Resource -> weight in the imbalance score.
 WEIGHTS: dict[str, float] = {"cpu": 1.0, "memory": 1.0, "disk": 1.0}
-# How many of the most unbalanced hosts the planner takes VMs from at each step.
+# How many of the most unbalanced hosts the planner takes VMs from at each step, and how many
+# of the least used hosts it tries as targets (a full search is O(VMs x hosts) per move).
 SOURCE_HOSTS = 16
+TARGET_HOSTS = 64
 # Moves that gain less than this are float noise, whatever min_gain says.
 _EPSILON = 1e-9
 
@@ -166,7 +169,11 @@ def _best_move(
         return sum((u - means[k]) ** 2 for k, u in enumerate(_utils(ix, i)) if u is not None)
 
     sources = sorted(hosts, key=lambda i: (-deviation(i), ix.names[i]))[:SOURCE_HOSTS]
-    targets = sorted(hosts)
+
+    def used(i: int) -> float:
+        return sum(u for u in _utils(ix, i) if u is not None)
+
+    targets = sorted(hosts, key=lambda i: (used(i), ix.names[i]))[:TARGET_HOSTS]
     candidates: list[tuple[float, str, str, int]] = []
     for s in sources:
         su = _utils(ix, s)
