@@ -57,6 +57,7 @@ bench: deps venv
 	$(PY) -m bench.store_commit
 	$(PY) -m bench.api_create
 	$(PY) -m bench.vm_start
+	$(PY) -m bench.scheduler
 
 clean:
 	rm -rf $(VENV) .corral .cluster .mypy_cache .ruff_cache .pytest_cache

@@ -53,3 +53,83 @@ def test_memory_overcommit_ratio_is_honoured() -> None:
 def test_empty_cluster() -> None:
     plan = schedule(Snapshot(()), Request("a", 1, 64))
     assert plan.node is None and "no nodes" in plan.explain()
+
+
+def test_rows_are_the_vm_why_table() -> None:
+    from corral.scheduler import Scheduler
+
+    snap = Snapshot(
+        (
+            _node("n1", used_memory_mib=1000),
+            _node("n2"),
+            _node("n3", state="down"),
+            _node("n0", used_memory_mib=4096),
+        )
+    )
+    plan = Scheduler(snap).schedule(Request("web-1", 1, 512))
+    rows = plan.rows()
+    assert [(r.node, r.outcome, r.filter) for r in rows] == [
+        ("n2", "chosen", None),
+        ("n1", "feasible", None),
+        ("n0", "rejected", "memory"),
+        ("n3", "rejected", "ready"),
+    ]
+    assert rows[0].total == plan.score and rows[0].scores == {"spread": plan.score}
+    assert rows[3].reason == "node is not ready (down)"
+    data = plan.as_dict()
+    assert data["node"] == "n2" and data["policy"] == "spread"
+    assert data["nodes"][2] == {
+        "node": "n0",
+        "outcome": "rejected",
+        "filter": "memory",
+        "reason": "insufficient memory (needs 512 MiB, 0 free)",
+        "scores": {},
+        "total": None,
+    }
+
+
+def test_unplaceable_on_many_hosts_is_summarised_per_filter() -> None:
+    nodes = [_node(f"n{i:02d}", used_memory_mib=4096) for i in range(8)]
+    nodes += [_node("d1", state="down"), _node("d2", state="down")]
+    text = schedule(Snapshot(tuple(nodes)), Request("big", 1, 512)).explain()
+    assert text == (
+        "vm big cannot be placed on any of 10 nodes: rejected 8 by memory "
+        "(e.g. n00: insufficient memory (needs 512 MiB, 0 free)), "
+        "2 by ready (e.g. d1: node is not ready (down))"
+    )
+
+
+def test_incremental_placements_match_a_fresh_snapshot() -> None:
+    from corral.scheduler import Scheduler
+
+    nodes = tuple(_node(f"n{i}", cpus=2, memory_mib=2048) for i in range(3))
+    sched = Scheduler(Snapshot(nodes, cpu_allocation_ratio=1.0))
+    placed: dict[str, list[int]] = {}
+    for k in range(7):
+        req = Request(f"vm{k}", 1, 512)
+        plan = sched.schedule(req)
+        if plan.node is None:
+            break
+        sched.place(req, plan.node)
+        used = placed.setdefault(plan.node, [0, 0])
+        used[0] += 1
+        used[1] += 512
+    # 3 hosts x 2 vCPUs: the 7th VM fits nowhere, and a fresh snapshot with the same usage
+    # gives the same answer.
+    assert plan.node is None
+    assert sorted(placed.values()) == [[2, 1024]] * 3
+    fresh = Snapshot(
+        tuple(
+            _node(
+                n.name,
+                cpus=2,
+                memory_mib=2048,
+                used_vcpus=placed[n.name][0],
+                used_memory_mib=placed[n.name][1],
+            )
+            for n in nodes
+        ),
+        cpu_allocation_ratio=1.0,
+    )
+    again = schedule(fresh, Request("vm6", 1, 512))
+    assert again.rejected == plan.rejected

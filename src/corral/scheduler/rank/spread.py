@@ -1,16 +1,24 @@
-"""Spread: prefer the node with the most free memory and CPU after placement."""
+"""``spread`` policy: prefer the least loaded host, i.e. the most free vCPU and memory
+(as fractions of capacity) left after placement."""
 
 from __future__ import annotations
 
-from corral.scheduler.feasible.capacity import cpu_capacity, memory_capacity
-from corral.scheduler.snapshot import NodeView, Request, Snapshot
+from corral.scheduler.index import ClusterIndex
+from corral.scheduler.snapshot import Policy, Request
 
-__all__ = ["spread"]
+__all__ = ["NAME", "SpreadScorer"]
+
+NAME = "spread"
 
 
-def spread(snapshot: Snapshot, node: NodeView, request: Request) -> float:
-    mem_cap = max(memory_capacity(snapshot, node), 1)
-    cpu_cap = max(cpu_capacity(snapshot, node), 1)
-    mem_free = 1 - (node.used_memory_mib + request.memory_mib) / mem_cap
-    cpu_free = 1 - (node.used_vcpus + request.vcpus) / cpu_cap
-    return round(max(0.0, (mem_free + cpu_free) / 2), 4)
+class SpreadScorer:
+    name = NAME
+
+    def weight(self, ix: ClusterIndex, request: Request, policy: Policy) -> float:
+        return 1.0 if policy == NAME else 0.0
+
+    def score(self, ix: ClusterIndex, request: Request, hosts: list[int]) -> list[float]:
+        c, m = request.vcpus, request.memory_mib
+        load, ch, mh = ix.load, ix.cpu_half, ix.mem_half
+        # Feasible hosts have cap >= used + need, so each fraction is in [0, 1].
+        return [1.0 - load[i] - c * ch[i] - m * mh[i] for i in hosts]

@@ -1,0 +1,44 @@
+"""Hard anti-affinity: at most ``max_per_node`` members of the VM's ``anti-affinity`` group
+on one host (1 unless the group says otherwise)."""
+
+from __future__ import annotations
+
+from corral.scheduler.feasible.base import Rejected
+from corral.scheduler.index import ClusterIndex
+from corral.scheduler.snapshot import Request
+
+__all__ = ["NAME", "REASON_ANTI_AFFINITY", "AntiAffinityFilter"]
+
+NAME = "anti-affinity"
+REASON_ANTI_AFFINITY = "anti-affinity group is full on this node"
+
+
+class AntiAffinityFilter:
+    name = NAME
+
+    def applies(self, request: Request) -> bool:
+        return request.group is not None
+
+    def run(
+        self, ix: ClusterIndex, request: Request, hosts: list[int], rejected: Rejected
+    ) -> list[int]:
+        assert request.group is not None
+        group = ix.groups.get(request.group)
+        if group is None or group.policy != "anti-affinity":
+            return hosts
+        per_host = ix.group_counts(group.name, excluding=request.vm)
+        limit = group.max_per_node
+        full = {i for i, n in per_host.items() if n + 1 > limit}
+        if not full:
+            return hosts
+        ok = []
+        for i in hosts:
+            if i in full:
+                rejected[i] = (
+                    NAME,
+                    f"{REASON_ANTI_AFFINITY} (group {group.name} has {per_host[i]} here, "
+                    f"max_per_node {limit})",
+                )
+            else:
+                ok.append(i)
+        return ok

@@ -1,0 +1,40 @@
+"""The two shapes of a filter.
+
+A :class:`HostFilter` looks only at the host (its state, roles, flags): the stack runs it once
+per snapshot. A :class:`RequestFilter` looks at the request too and runs per placement, over a
+list of candidate hosts, returning those that pass and recording every other one in
+``rejected`` as ``(filter name, sentence)``. Each filter module owns its ``NAME`` (the short id a
+``vm why`` table shows in its "filter" column) and its ``REASON_*`` constants (the start of the
+sentence, stable enough to match on).
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from corral.scheduler.index import ClusterIndex
+from corral.scheduler.snapshot import NodeView, Request
+
+__all__ = ["HostFilter", "Rejected", "RequestFilter"]
+
+# host index -> (filter name, human sentence)
+Rejected = dict[int, tuple[str, str]]
+
+
+class HostFilter(Protocol):
+    name: str
+
+    def check(self, node: NodeView) -> str | None:
+        """None when the host may take VMs at all, else why not."""
+
+
+class RequestFilter(Protocol):
+    name: str
+
+    def applies(self, request: Request) -> bool:
+        """False when the rule has nothing to say about this request (it is then skipped)."""
+
+    def run(
+        self, ix: ClusterIndex, request: Request, hosts: list[int], rejected: Rejected
+    ) -> list[int]:
+        """The hosts of ``hosts`` that pass; the others go into ``rejected``."""

@@ -1,0 +1,24 @@
+"""``binpack`` policy: prefer the most loaded host that still fits, i.e. the highest vCPU and
+memory use (as fractions of capacity) after placement, keeping other hosts empty."""
+
+from __future__ import annotations
+
+from corral.scheduler.index import ClusterIndex
+from corral.scheduler.snapshot import Policy, Request
+
+__all__ = ["NAME", "BinpackScorer"]
+
+NAME = "binpack"
+
+
+class BinpackScorer:
+    name = NAME
+
+    def weight(self, ix: ClusterIndex, request: Request, policy: Policy) -> float:
+        return 1.0 if policy == NAME else 0.0
+
+    def score(self, ix: ClusterIndex, request: Request, hosts: list[int]) -> list[float]:
+        c, m = request.vcpus, request.memory_mib
+        load, ch, mh = ix.load, ix.cpu_half, ix.mem_half
+        # Feasible hosts have cap >= used + need, so each fraction is in [0, 1].
+        return [load[i] + c * ch[i] + m * mh[i] for i in hosts]

@@ -1,0 +1,31 @@
+"""Soft anti-affinity: a VM of a ``soft-anti-affinity`` group prefers hosts holding few of its
+group; score = 1 - members on the host / members placed, times the group's weight."""
+
+from __future__ import annotations
+
+from corral.scheduler.index import ClusterIndex
+from corral.scheduler.snapshot import Policy, Request
+
+__all__ = ["NAME", "SoftAntiAffinityScorer"]
+
+NAME = "soft-anti-affinity"
+
+
+class SoftAntiAffinityScorer:
+    name = NAME
+
+    def weight(self, ix: ClusterIndex, request: Request, policy: Policy) -> float:
+        if request.group is None:
+            return 0.0
+        group = ix.groups.get(request.group)
+        if group is None or group.policy != NAME:
+            return 0.0
+        if ix.group_size(group.name, excluding=request.vm) == 0:
+            return 0.0
+        return group.weight
+
+    def score(self, ix: ClusterIndex, request: Request, hosts: list[int]) -> list[float]:
+        assert request.group is not None
+        counts = ix.group_counts(request.group, excluding=request.vm)
+        total = sum(counts.values()) or 1
+        return [1.0 - counts.get(i, 0) / total for i in hosts]
