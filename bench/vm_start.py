@@ -7,6 +7,13 @@ the time from the call to QMP reporting ``running`` and to the guest's first
 is the driver's own overhead: validation, handle writes, the qemu.qmp session. Driver and hand
 runs alternate, one guest at a time, so both see the same machine load.
 
+It then does the same through the whole cluster: one agent process (qemu driver, TCG) with the
+test guest imported as image ``tiny``; for each guest, ``POST /api/v1/vms`` (image ``tiny``,
+started) and the time until the API shows the VM ``running`` (the node reports it once QMP says
+``running``) and until ``GET .../console/log`` shows the first heartbeat. The ratio of those
+medians to the by-hand ones is what corral adds end to end (API, etcd, leader, agent, disk
+clone, driver).
+
 Run: ``make bench`` or ``.venv/bin/python -m bench.vm_start [--count 10]``.
 """
 
@@ -14,13 +21,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
+import shutil
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
+
+from tests.integration.harness import AgentProcess
 
 from corral.agent.drivers.base import DriverVm
 from corral.agent.drivers.qemu import QemuDriver, load_guest_image
@@ -102,6 +114,65 @@ async def with_driver(driver: QemuDriver, name: str) -> tuple[float, float]:
     return to_running, to_heartbeat
 
 
+def through_api(count: int, guest_dir: Path) -> tuple[list[float], list[float]]:
+    """POST /vms -> API says running, and -> first heartbeat in the console log, per guest."""
+    data = Path(tempfile.mkdtemp(prefix="cq-bapi-", dir="/tmp"))
+    agent = AgentProcess(
+        data / "n1",
+        env={
+            "CORRAL_DRIVER": "qemu",
+            "CORRAL_GUEST_IMAGE": str(guest_dir / "tiny.json"),
+            "CORRAL_QEMU_ACCEL": "tcg",
+            "CORRAL_STOP_TIMEOUT_S": "5",
+        },
+    )
+    running: list[float] = []
+    heartbeat: list[float] = []
+    try:
+        agent.start()
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "corral",
+                "--addr",
+                agent.url,
+                "image",
+                "import",
+                "tiny",
+                "--file",
+                str(guest_dir / "tiny.json"),
+            ],
+            check=True,
+            capture_output=True,
+        )
+        with agent.client(timeout=60) as c:
+            for i in range(count):
+                name = f"api-{i}"
+                t0 = time.perf_counter()
+                r = c.post("/api/v1/vms", json={"name": name, "image": "tiny", "memory_mib": 256})
+                r.raise_for_status()
+                while c.get(f"/api/v1/vms/{name}").json()["status"]["state"] != "running":
+                    if time.perf_counter() - t0 > 120:
+                        raise RuntimeError(f"vm {name} not running after 120 s")
+                    time.sleep(0.01)
+                running.append(time.perf_counter() - t0)
+                while HEARTBEAT not in c.get(f"/api/v1/vms/{name}/console/log").content:
+                    if time.perf_counter() - t0 > 120:
+                        raise RuntimeError(f"vm {name}: no heartbeat after 120 s")
+                    time.sleep(0.01)
+                heartbeat.append(time.perf_counter() - t0)
+                c.delete(
+                    f"/api/v1/vms/{name}",
+                    params={"with_disks": "true", "wait": "true", "timeout": 60},
+                ).raise_for_status()
+    finally:
+        with contextlib.suppress(Exception):
+            agent.stop(timeout_s=60)
+        shutil.rmtree(data, ignore_errors=True)
+    return running, heartbeat
+
+
 def row(label: str, values: list[float]) -> str:
     ms = [v * 1000 for v in values]
     return (
@@ -150,6 +221,12 @@ async def main(count: int, guest_dir: Path) -> None:
     for label, a, b in (("running", "dr", "hr"), ("first heartbeat", "dh", "hh")):
         ratio = statistics.median(results[a]) / statistics.median(results[b])
         print(f"median ratio driver / by hand, to {label}: {ratio:.2f}")
+    results["ar"], results["ah"] = await asyncio.to_thread(through_api, count, guest_dir)
+    print(row("API: POST /vms -> running", results["ar"]))
+    print(row("API: -> first heartbeat", results["ah"]))
+    for label, a, b in (("running", "ar", "hr"), ("first heartbeat", "ah", "hh")):
+        ratio = statistics.median(results[a]) / statistics.median(results[b])
+        print(f"median ratio API / by hand, to {label}: {ratio:.2f}")
 
 
 if __name__ == "__main__":
