@@ -67,6 +67,10 @@ def test_the_local_pool_exists_and_volumes_are_made_on_their_host(
         assert [(p["name"], p["spec"]["driver"], p["spec"]["shared"]) for p in pools] == [
             ("local", "dir", False)
         ]
+        # Its capacity on the host is in the host's inventory.
+        usage = c.get("/api/v1/nodes/n1").json()["status"]["inventory"]["pools"]["local"]
+        assert usage["path"] == str(agent.data_dir / "pools" / "local")
+        assert usage["total_bytes"] >= usage["free_bytes"] > 0
         # Without a host: recorded, made on the host of the first VM that uses it.
         r = c.post("/api/v1/volumes", json={"name": "later", "size_gib": 1})
         assert r.status_code == 201, r.text

@@ -5,12 +5,13 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+from collections.abc import Mapping
 from pathlib import Path
 
 from corral import __version__
-from corral.model import Inventory
+from corral.model.node import Inventory, PoolUsage
 
-__all__ = ["collect_inventory", "cpu_count", "disk_gib", "memory_mib"]
+__all__ = ["collect_inventory", "cpu_count", "disk_gib", "memory_mib", "pool_usage"]
 
 _MEMINFO = Path("/proc/meminfo")
 _GIB = 1024**3
@@ -56,8 +57,38 @@ def disk_gib(data_dir: Path) -> tuple[float, float]:
     return round(usage.total / _GIB, 1), round(usage.free / _GIB, 1)
 
 
-def collect_inventory(data_dir: Path, driver_name: str) -> Inventory:
-    """Measure CPUs, memory, the disk holding ``data_dir``, hostname, kernel and versions."""
+def pool_usage(data_dir: Path, extra: Mapping[str, str] | None = None) -> dict[str, PoolUsage]:
+    """Every pool directory of this host: ``<data_dir>/pools/<name>`` and the ``extra`` pools
+    (name -> path) the host's VMs use elsewhere; with its filesystem and corral's volumes."""
+    dirs: dict[str, Path] = {}
+    base = Path(data_dir) / "pools"
+    if base.is_dir():
+        dirs.update({p.name: p for p in sorted(base.iterdir()) if p.is_dir()})
+    for name, extra_path in (extra or {}).items():
+        dirs[name] = Path(extra_path)
+    usage: dict[str, PoolUsage] = {}
+    for name, path in dirs.items():
+        try:
+            fs = shutil.disk_usage(path)
+            files = [f for f in path.glob("*.qcow2") if f.is_file()]
+            allocated = sum(f.stat().st_blocks * 512 for f in files)
+        except OSError:
+            continue  # not mounted here (yet): nothing to say about it
+        usage[name] = PoolUsage(
+            path=str(path),
+            total_bytes=fs.total,
+            free_bytes=fs.free,
+            volumes=len(files),
+            allocated_bytes=allocated,
+        )
+    return usage
+
+
+def collect_inventory(
+    data_dir: Path, driver_name: str, pools: Mapping[str, str] | None = None
+) -> Inventory:
+    """Measure CPUs, memory, the disk holding ``data_dir``, hostname, kernel, versions and the
+    host's storage pools."""
     total, free = disk_gib(data_dir)
     uname = os.uname()
     return Inventory(
@@ -69,4 +100,5 @@ def collect_inventory(data_dir: Path, driver_name: str) -> Inventory:
         kernel=uname.release,
         corral_version=__version__,
         driver=driver_name,
+        pools=pool_usage(data_dir, pools),
     )

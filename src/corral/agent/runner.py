@@ -32,7 +32,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
 
@@ -179,6 +179,8 @@ class NodeAgent:
         max_parallel: int = 8,
         stop_timeout_s: float = 60.0,
         storage: HostStorage | None = None,
+        inventory_refresh: Callable[[Mapping[str, str]], Inventory] | None = None,
+        inventory_every_s: float = 60.0,
         restart_initial_s: float = 1.0,
         restart_max_s: float = 300.0,
         restart_reset_s: float = 600.0,
@@ -206,6 +208,8 @@ class NodeAgent:
         self._retry_max_s = retry_max_s
         self._stop_timeout_s = stop_timeout_s
         self._storage = storage
+        self._inventory_refresh = inventory_refresh
+        self._inventory_every_s = inventory_every_s
         self._restart_initial_s = restart_initial_s
         self._restart_max_s = restart_max_s
         self._restart_reset_s = restart_reset_s
@@ -222,6 +226,7 @@ class NodeAgent:
         self._busy: dict[str, asyncio.Task[None]] = {}
         self._pending_gone: dict[tuple[str, str], int] = {}
         self._registered = asyncio.Event()
+        self._inventory_due = 0.0
         self._wake = asyncio.Event()
         self._done = asyncio.Event()
         self._pass_lock = asyncio.Lock()
@@ -324,6 +329,7 @@ class NodeAgent:
                         self._lease_ttl_s,
                     )
                 await asyncio.sleep(self._keepalive_s)
+                await self._refresh_inventory()
                 remaining = await self._ns.keepalive(self.node_name, self._lease_id)
                 if remaining <= 0:
                     log.warning(
@@ -347,6 +353,35 @@ class NodeAgent:
                     delay,
                 )
                 await asyncio.sleep(delay)
+
+    async def _refresh_inventory(self) -> None:
+        """Every ``inventory_every_s``: measure again (pools fill up); register again when
+        something changed (the record then shows it)."""
+        loop = asyncio.get_running_loop()
+        if self._inventory_refresh is None or loop.time() < self._inventory_due:
+            return
+        self._inventory_due = loop.time() + self._inventory_every_s
+        pools = {
+            d.pool: d.pool_path
+            for a in (self._desired or {}).values()
+            for d in a.disks
+            if d.pool_path
+        }
+        try:
+            fresh = await asyncio.to_thread(self._inventory_refresh, pools)
+        except OSError as exc:
+            log.warning("node %s: cannot measure the host: %s", self.node_name, exc)
+            return
+        if fresh != self._inventory:
+            self._inventory = fresh
+            await self._ns.register(
+                self.node_name,
+                address=self._address,
+                driver=self._driver.name,
+                inventory=self._inventory,
+                labels=dict(self._labels),
+                roles=list(self._roles),
+            )
 
     async def _assignment_loop(self) -> None:
         await self._registered.wait()

@@ -115,17 +115,29 @@ def pool_ls(ctx: typer.Context, output: OutputOpt = None) -> None:
 def pool_show(ctx: typer.Context, name: NameArg, output: OutputOpt = None) -> None:
     """Show one pool."""
     state = get_state(ctx)
-    pool = state.client().get_object("pools", name)
-    _show(
-        state,
-        pool,
-        output,
-        [
-            ("Driver", cell(dig(pool, "spec", "driver"))),
-            ("Path", cell(dig(pool, "spec", "path") or f"<data-dir>/pools/{name} on each host")),
-            ("Shared", cell("yes" if dig(pool, "spec", "shared") else "no")),
-        ],
-    )
+    client = state.client()
+    pool = client.get_object("pools", name)
+    rows: list[tuple[str, Any]] = [
+        ("Driver", cell(dig(pool, "spec", "driver"))),
+        ("Path", cell(dig(pool, "spec", "path") or f"<data-dir>/pools/{name} on each host")),
+        ("Shared", cell("yes" if dig(pool, "spec", "shared") else "no")),
+    ]
+    for node in client.iter_nodes():
+        usage = dig(node, "status", "inventory", "pools", name)
+        if isinstance(usage, dict):
+            gib = 1024**3
+            rows.append(
+                (
+                    f"On {node.get('name')}",
+                    cell(
+                        f"{usage.get('volumes', 0)} volumes, "
+                        f"{usage.get('allocated_bytes', 0) / gib:.2f} GiB written; filesystem "
+                        f"{usage.get('free_bytes', 0) / gib:.1f} of "
+                        f"{usage.get('total_bytes', 0) / gib:.1f} GiB free"
+                    ),
+                )
+            )
+    _show(state, pool, output, rows)
 
 
 @pool_app.command("create")

@@ -375,6 +375,8 @@ class Agent:
             raise AgentStartError(str(exc)) from exc
         identity = self.identity = await self._identity()
         storage = self.storage = HostStorage(self.data_dir, fetch=self._fetch_image_file)
+        # The default pool's directory, so the inventory shows its capacity from the start.
+        storage.pool_dir("local", None).mkdir(parents=True, exist_ok=True)
         tasks: list[asyncio.Task[Any]] = []
         grpc_server = None
         consoles = self.consoles = LocalConsoles(driver, s.name)
@@ -471,6 +473,7 @@ class Agent:
             inventory=collect_inventory(self.data_dir, driver.name),
             lease_ttl_s=s.lease_ttl_s,
             storage=storage,
+            inventory_refresh=lambda pools: collect_inventory(self.data_dir, driver.name, pools),
         )
         server = _ApiServer(
             uvicorn.Config(

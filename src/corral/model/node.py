@@ -18,6 +18,7 @@ __all__ = [
     "NodeSpec",
     "NodeState",
     "NodeStatus",
+    "PoolUsage",
 ]
 
 NodeRole = Literal["server", "compute"]
@@ -26,8 +27,21 @@ GossipState = Literal["alive", "suspect", "failed", "leaving", "left", "unknown"
 _DEFAULT_ROLES: tuple[NodeRole, ...] = ("server", "compute")
 
 
+class PoolUsage(BaseModel):
+    """One storage pool's directory on one host: its filesystem and what corral's volumes in it
+    take (thin qcow2: ``allocated_bytes`` is what is written, not the virtual size)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    path: str
+    total_bytes: int
+    free_bytes: int
+    volumes: int = 0
+    allocated_bytes: int = 0
+
+
 class Inventory(BaseModel):
-    """What the host has, measured by its agent at start."""
+    """What the host has, measured by its agent at start (pools: refreshed every minute)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -39,6 +53,7 @@ class Inventory(BaseModel):
     kernel: str
     corral_version: str
     driver: str
+    pools: dict[str, PoolUsage] = Field(default_factory=dict)
 
 
 class Allocated(BaseModel):

@@ -74,7 +74,9 @@ class LocalNodeService:
                 pass  # registered concurrently: refresh it below
 
         def refresh(n: Node) -> Node:
-            n.spec = spec
+            # What the host says about itself; fields the servers own (e.g. a cordon) stay.
+            n.spec.labels = spec.labels
+            n.spec.roles = spec.roles
             n.status.address = address
             n.status.driver = driver
             n.status.inventory = inventory
