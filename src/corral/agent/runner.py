@@ -227,6 +227,7 @@ class NodeAgent:
         self._pending_gone: dict[tuple[str, str], int] = {}
         self._registered = asyncio.Event()
         self._inventory_due = 0.0
+        self._watching = False
         self._wake = asyncio.Event()
         self._done = asyncio.Event()
         self._pass_lock = asyncio.Lock()
@@ -247,6 +248,10 @@ class NodeAgent:
         """
         if self._loops:
             raise RuntimeError("NodeAgent.run() is already running")
+        if not self._watching:
+            # A guest that powers off, resets or dies: look at once, not at the next resync.
+            self._driver.watch(lambda _name: self._wake.set())
+            self._watching = True
         self._done.clear()
         self._registered.clear()  # register again: the record may have changed while we were off
         self._loops = [

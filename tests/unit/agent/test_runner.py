@@ -289,6 +289,9 @@ class CountingDriver:
             self.now -= 1
             self.per_vm[name] -= 1
 
+    def watch(self, callback: Callable[[str], None]) -> None:
+        self.inner.watch(callback)
+
     async def fingerprint(self) -> dict[str, str]:
         return await self.inner.fingerprint()
 

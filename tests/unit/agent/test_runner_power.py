@@ -143,6 +143,7 @@ async def test_a_vm_that_ran_long_enough_starts_a_new_streak(start_agent: StartA
     h = start_agent(restart_initial_s=0.05, restart_reset_s=0.3)
     h.ns.assign(assignment("web-1"))
     await running(h)
+    await asyncio.sleep(0.3)  # the passes that follow the start are over
     h.driver.inject_crash("web-1")
     await eventually(lambda: message_of(h, "web-1").startswith("restart 1 at "), "restart 1")
     await asyncio.sleep(0.35)  # it ran longer than restart_reset_s
@@ -156,6 +157,7 @@ async def test_a_start_request_skips_the_backoff(start_agent: StartAgent) -> Non
     h = start_agent(restart_initial_s=60.0, restart_max_s=60.0)
     h.ns.assign(assignment("web-1"))
     await running(h)
+    await asyncio.sleep(0.3)  # the passes that follow the start are over
     h.driver.inject_crash("web-1")
     await eventually(lambda: state_of(h, "web-1") == "crashed", "crash reported")
     assert message_of(h, "web-1").endswith("restart 1 in 60 s (policy on-failure)")
@@ -171,6 +173,7 @@ async def test_changing_the_policy_to_always_restarts_a_held_vm(start_agent: Sta
     h = start_agent()
     h.ns.assign(assignment("web-1", restart_policy="never"))
     await running(h)
+    await asyncio.sleep(0.3)  # the passes that follow the start are over
     h.driver.inject_crash("web-1")
     await eventually(lambda: state_of(h, "web-1") == "crashed", "crash reported")
 
@@ -180,3 +183,14 @@ async def test_changing_the_policy_to_always_restarts_a_held_vm(start_agent: Sta
     obs = h.ns.last("web-1")
     assert obs is not None and obs.observed_generation == 2
     assert obs.message.endswith(" after: fake driver: crashed (policy always)")
+
+
+async def test_a_crash_is_seen_at_once_not_at_the_next_resync(start_agent: StartAgent) -> None:
+    # resync every minute: only the driver's event can make the agent look this fast.
+    h = start_agent(resync_s=60.0, restart_initial_s=30.0)
+    h.ns.assign(assignment("web-1"))
+    await running(h)
+    await asyncio.sleep(0.3)  # the passes that follow the start are over
+    h.driver.inject_crash("web-1")
+    await eventually(lambda: state_of(h, "web-1") == "crashed", "the crash reported", timeout_s=1.0)
+    assert "restart 1 in" in message_of(h, "web-1")

@@ -8,6 +8,7 @@ re-attach after the agent restarts: ``recover`` returns the VMs still alive, unt
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Literal, Protocol
@@ -60,6 +61,10 @@ class DriverVm:
 
 class Driver(Protocol):
     name: str
+
+    def watch(self, callback: Callable[[str], None]) -> None:
+        """Call ``callback(vm name)`` whenever a VM's state may have changed on its own (the
+        guest powered off, reset or paused; its process died), so the agent looks at once."""
 
     async def fingerprint(self) -> dict[str, str]:
         """What this hypervisor offers (version, accelerator); goes into the node inventory."""

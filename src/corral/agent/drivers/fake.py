@@ -26,6 +26,7 @@ import fnmatch
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from dataclasses import asdict, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -118,6 +119,7 @@ class FakeDriver:
         self.fail_start = fail_start
         self._dir = self.state_dir / HANDLE_DIR
         self._vms: dict[str, DriverVm] = self._load()
+        self._watchers: list[Callable[[str], None]] = []
 
     # -- persistence ------------------------------------------------------------------------
 
@@ -209,6 +211,7 @@ class FakeDriver:
         if vm.state != "running":
             raise DriverError(f"fake driver: cannot crash vm {name}: it is {vm.state}")
         self._set(replace(vm, state="crashed", started_at=None, message="fake driver: crashed"))
+        self._notify(name)
 
     def inject_poweroff(self, name: str) -> None:
         """Make a running VM's guest power itself off (``stopped``, the message says so);
@@ -218,8 +221,17 @@ class FakeDriver:
             raise DriverError(f"fake driver: cannot power off vm {name}: it is {vm.state}")
         message = "the guest powered itself off"
         self._set(replace(vm, state="stopped", started_at=None, message=message))
+        self._notify(name)
+
+    def _notify(self, name: str) -> None:
+        for callback in self._watchers:
+            callback(name)
 
     # -- the Driver protocol ----------------------------------------------------------------
+
+    def watch(self, callback: Callable[[str], None]) -> None:
+        """``callback(name)`` after ``inject_crash`` / ``inject_poweroff``."""
+        self._watchers.append(callback)
 
     async def fingerprint(self) -> dict[str, str]:
         """``{"hypervisor": "fake", "version": <corral version>}``."""

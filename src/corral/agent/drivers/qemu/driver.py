@@ -27,11 +27,12 @@ from __future__ import annotations
 
 import asyncio
 import builtins
+import logging
 import shutil
 import signal
 import socket
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -69,11 +70,13 @@ from corral.agent.drivers.qemu.process import (
     signal_vm,
     wait_exit,
 )
-from corral.agent.drivers.qemu.qmp import QmpSession
+from corral.agent.drivers.qemu.qmp import LIFECYCLE_EVENTS, QmpSession
 from corral.errors import DriverError
 from corral.model.common import DNS_LABEL_RE
 
 __all__ = ["EXTRA_PREFIX", "GUEST_POWERED_OFF", "QemuDriver"]
+
+log = logging.getLogger(__name__)
 
 AccelSetting = Literal["auto", "kvm", "tcg"]
 EXTRA_PREFIX = "qemu."
@@ -169,6 +172,8 @@ class QemuDriver:
         self._resolved: tuple[str, str] | None = None
         self._version: str | None = None
         self._probe_lock = asyncio.Lock()
+        self._watchers: list[Callable[[str], None]] = []
+        self._event_tasks: dict[str, asyncio.Task[None]] = {}
 
     # -- handles ----------------------------------------------------------------------------
 
@@ -207,9 +212,38 @@ class QemuDriver:
                 return session
             session = await QmpSession.connect(self._vm_dir(name) / "qmp.sock", label=name)
             self._sessions[name] = session
+            if self._watchers:
+                old = self._event_tasks.pop(name, None)
+                if old is not None:
+                    old.cancel()
+                self._event_tasks[name] = asyncio.create_task(
+                    self._follow_events(name, session), name=f"qmp-events-{name}"
+                )
             return session
 
+    async def _follow_events(self, name: str, session: QmpSession) -> None:
+        """Tell the watchers about every lifecycle event of the VM (SHUTDOWN, RESET, STOP,
+        RESUME, POWERDOWN), and when its QMP connection ends (QEMU exited or was killed)."""
+        try:
+            async with session.events(LIFECYCLE_EVENTS) as events:
+                async for event in events:
+                    log.debug("vm %s: qmp event %s", name, event.name)
+                    self._notify(name)
+            if self._sessions.get(name) is session:  # not closed by us: QEMU went away
+                self._notify(name)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # never let a watcher kill anything
+            log.debug("vm %s: event watcher ended: %s", name, exc)
+
+    def _notify(self, name: str) -> None:
+        for callback in self._watchers:
+            callback(name)
+
     async def _drop_session(self, name: str) -> None:
+        task = self._event_tasks.pop(name, None)
+        if task is not None:
+            task.cancel()
         session = self._sessions.pop(name, None)
         if session is not None:
             await session.close()
@@ -492,6 +526,11 @@ class QemuDriver:
         return self._driver_vm(name, runtime)
 
     # -- the Driver protocol ----------------------------------------------------------------
+
+    def watch(self, callback: Callable[[str], None]) -> None:
+        """``callback(name)`` on every QMP lifecycle event of a VM and when its QEMU goes away
+        (the events of VMs whose QMP session is open: every VM the driver has looked at)."""
+        self._watchers.append(callback)
 
     async def fingerprint(self) -> dict[str, str]:
         """``hypervisor``, ``version`` (of the QEMU binary), ``accelerator`` (what VMs launch
