@@ -245,6 +245,8 @@ def test_bad_image_sources_are_refused_and_nothing_is_created(
         ({"name": "d1", "image": "nonesuch"}, "image", "exists"),
         ({"name": "d2", "disks": [{"volume": "nonesuch"}]}, "disks.0.volume", "exists"),
         ({"name": "d3,file=x"}, "name", "format"),
+        ({"name": "d4", "image": "nonesuch", "disk_gib": 0}, "disk_gib", "ge"),
+        ({"name": "d5", "disk_gib": 2048}, "disk_gib", "image"),
     ],
 )
 def test_vms_with_bad_disks_are_refused_and_nothing_is_created(

@@ -42,7 +42,12 @@ from corral.agent.reconcile import HeldVm, VmPlan, diff_vms, hardware_changed, p
 from corral.agent.storage import HostStorage
 from corral.errors import CorralError, DriverError
 from corral.model import Assignment, Inventory, VmObservation, utcnow
-from corral.model.assignment import AssignedDisk, ObservedState
+from corral.model.assignment import (
+    ALLOCATING_DISKS,
+    STARTING_HYPERVISOR,
+    AssignedDisk,
+    ObservedState,
+)
 
 __all__ = ["NodeAgent"]
 
@@ -613,7 +618,13 @@ class NodeAgent:
             state="stopping" if stopping else "starting",
             observed_generation=cur.applied_generation if cur is not None else 0,
             started_at=cur.started_at if cur is not None and stopping else None,
-            message=r.last_note if plan.restart and (r := restarts.get(plan.vm)) else "",
+            message=(
+                r.last_note
+                if plan.restart and (r := restarts.get(plan.vm))
+                else ALLOCATING_DISKS
+                if "define" in plan.steps and a.disks
+                else ""
+            ),
         )
 
     # -- one VM -----------------------------------------------------------------------------
@@ -669,6 +680,16 @@ class NodeAgent:
             raise RuntimeError(f"plan step {step} of vm {name} needs an assignment")
         if step == "define":
             disks = [await self._volume(d) for d in a.disks]
+            if disks and "start" in plan.steps:
+                note = VmObservation(
+                    vm=name,
+                    vm_id=a.vm_id,
+                    epoch=a.epoch,
+                    state="starting",
+                    observed_generation=0,
+                    message=STARTING_HYPERVISOR,
+                )
+                await self._report([note])
             return await self._driver.define(
                 DriverVm(
                     name=name,

@@ -12,14 +12,15 @@ from datetime import timedelta
 from corral.control.context import LeaderContext
 from corral.control.queue import Outcome
 from corral.model import Step, Task, TaskStatus, Vm
+from corral.model.assignment import ALLOCATING_DISKS, STARTING_HYPERVISOR
 from corral.model.common import utcnow
 from corral.state import Objects
 
 __all__ = ["TaskLoop", "steps_for"]
 
 _STEPS: dict[str, list[str]] = {
-    "create": ["accepted", "placed", "applied on node"],
-    "start": ["accepted", "applied on node"],
+    "create": ["accepted", "placed", "disks allocated", "applied on node"],
+    "start": ["accepted", "disks allocated", "applied on node"],
     "stop": ["accepted", "applied on node"],
     "reboot": ["accepted", "applied on node"],
     "pause": ["accepted", "applied on node"],
@@ -112,6 +113,12 @@ def evaluate(task: Task, vm: Vm | None) -> TaskStatus:
     if action == "create" and vm.status.node is None:
         return _progress(task, 1, vm.status.message or "waiting for a node")
     done = 2 if action == "create" else 1
+    if action in ("create", "start") and vm.status.state == "starting":
+        where = f"on node {vm.status.node}"
+        if vm.status.message == ALLOCATING_DISKS:
+            return _progress(task, done, f"allocating disks {where}")
+        if vm.status.message == STARTING_HYPERVISOR:
+            return _progress(task, done + 1, f"disks ready; starting the vm {where}")
     verb = {"running": "starting", "stopped": "stopping", "paused": "pausing"}.get(
         expected, "applying"
     )

@@ -10,6 +10,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from corral.model.vm import VmSpec
 
 __all__ = [
+    "ALLOCATING_DISKS",
+    "STARTING_HYPERVISOR",
     "AssignedBoot",
     "AssignedDisk",
     "AssignedImageFile",
@@ -17,6 +19,11 @@ __all__ = [
     "ObservedState",
     "VmObservation",
 ]
+
+ALLOCATING_DISKS = "allocating disks"
+"""The message of a ``starting`` observation while the host makes the VM's volume files."""
+STARTING_HYPERVISOR = "disks ready; starting the hypervisor"
+"""The message of a ``starting`` observation once the disks are there."""
 
 ObservedState = Literal["starting", "running", "paused", "stopping", "stopped", "crashed", "failed"]
 

@@ -149,6 +149,21 @@ def test_task_outcome_follows_observed_state(
 def test_success_finishes_every_step_and_reports_where() -> None:
     status = evaluate(_task("create", generation=1, expected_state="running"), _vm("running", 1))
     assert status.progress == 1.0
-    assert [s.state for s in status.steps] == ["done", "done", "done"]
+    assert [s.state for s in status.steps] == ["done", "done", "done", "done"]
     assert status.result == {"node": "n1", "state": "running"}
     assert status.finished_at is not None
+
+
+def test_create_shows_the_disk_and_hypervisor_steps_the_host_reports() -> None:
+    from corral.model.assignment import ALLOCATING_DISKS, STARTING_HYPERVISOR
+
+    task = _task("create", generation=1, expected_state="running")
+    vm = _vm("starting", 0)
+    vm.status.message = ALLOCATING_DISKS
+    status = evaluate(task, vm)
+    assert [s.state for s in status.steps] == ["done", "done", "running", "pending"]
+    assert status.step == "allocating disks on node n1"
+    vm.status.message = STARTING_HYPERVISOR
+    status = evaluate(task, vm)
+    assert [s.state for s in status.steps] == ["done", "done", "done", "running"]
+    assert status.step == "disks ready; starting the vm on node n1"
