@@ -85,8 +85,10 @@ async def test_memory_snapshot_rollback_restores_disk_and_the_guest_counter(
     back = await driver.snapshot_rollback("snap", "before", with_memory=True, disks=["snap-data"])
     assert back.with_memory and back.vm_state == "running"
     # The guest runs on from the counter it had when the snapshot was taken.
-    lines = await console.wait_for(lambda lines: len(console.heartbeats(mark)) >= 2, timeout_s=30)
-    assert console.heartbeats(mark)[0] <= at_snapshot + 1, lines
+    # The counter drops back to where it was at the snapshot and counts on from there.
+    await console.wait_for(
+        lambda lines: any(n <= at_snapshot + 1 for n in console.heartbeats(mark)), timeout_s=30
+    )
     assert await console.command("read-pattern /dev/vda 0x11 1") == "pattern ok"
     assert (await driver.inspect("snap")).state == "running"  # type: ignore[union-attr]
 
