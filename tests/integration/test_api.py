@@ -69,6 +69,9 @@ def test_vm_lifecycle_create_stop_start_reboot_delete(shared_agent: AgentProcess
             "labels": {"tier": "web"},
             "power_state": "running",
             "restart_policy": "on-failure",
+            "image": None,
+            "disks": [],
+            "nics": [],
         }
         uuid.UUID(vm["id"])
 
