@@ -71,6 +71,7 @@ def test_vm_lifecycle_create_stop_start_reboot_delete(shared_agent: AgentProcess
             "restart_policy": "on-failure",
             "image": None,
             "disks": [],
+            "nics": [],
         }
         uuid.UUID(vm["id"])
 

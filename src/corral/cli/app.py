@@ -22,8 +22,10 @@ from typer.core import TyperGroup
 from corral.cli.cluster import cluster_app, node_app
 from corral.cli.context import DEFAULT_ADDR, CliConfig, CliState, OutputFormat
 from corral.cli.render import report_error
+from corral.cli.snapshot import add_snapshot_commands
 from corral.cli.storage import attach_disk_commands, image_app, pool_app, volume_app
 from corral.cli.task import task_app
+from corral.cli.template import template_app
 from corral.cli.token import token_app
 from corral.cli.vm import vm_app
 from corral.client import CorralError
@@ -92,7 +94,9 @@ app.add_typer(token_app, name="token")
 app.add_typer(pool_app, name="pool")
 app.add_typer(volume_app, name="volume")
 app.add_typer(image_app, name="image")
+app.add_typer(template_app, name="template")
 attach_disk_commands(vm_app)
+add_snapshot_commands(vm_app)
 
 
 def main() -> None:

@@ -333,12 +333,39 @@ def vm_create(
         list[str] | None,
         typer.Option("--volume", help="Attach this existing volume too; repeatable."),
     ] = None,
+    template: Annotated[
+        str | None,
+        typer.Option(
+            "--template",
+            help="Make it from this template (`corral template ls`): linked clones of its "
+            "disks (--full: copies), its hardware, new MAC addresses.",
+        ),
+    ] = None,
+    nics: Annotated[
+        int,
+        typer.Option("--nics", min=0, max=8, help="Network cards (virtio, user networking)."),
+    ] = 0,
     wait: WaitOpt = True,
     timeout: TimeoutOpt = None,
     output: OutputOpt = None,
 ) -> None:
     """Create a VM (and start it, unless --no-start); waits for the task by default."""
     state = get_state(ctx)
+    if template is not None:
+        from corral.cli.template import instantiate
+
+        instantiate(
+            ctx,
+            template,
+            name,
+            start=start,
+            full=full,
+            labels=label,
+            wait=wait,
+            timeout=timeout,
+            output=output,
+        )
+        return
     spec: dict[str, Any] = {"name": name, "power_state": "running" if start else "stopped"}
     if image is not None:
         spec["image"] = image
@@ -348,6 +375,8 @@ def vm_create(
         spec["disk_gib"] = disk
     if volume:
         spec["disks"] = [{"volume": v} for v in volume]
+    if nics:
+        spec["nics"] = [{} for _ in range(nics)]
     if vcpus is not None:
         spec["vcpus"] = vcpus
     if memory is not None:

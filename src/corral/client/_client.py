@@ -542,6 +542,42 @@ class CorralClient:
         )
         return self._action_result(response)
 
+    # -- snapshots, clones, templates ----------------------------------------------------------
+
+    def _act(self, method: str, path: str, body: Mapping[str, Any] | None = None) -> ActionResult:
+        """A write that answers `{"object", "task"}` at once (the CLI waits on the task)."""
+        return self._action_result(
+            self._send(method, path, body=dict(body) if body is not None else None)
+        )
+
+    def list_snapshots(self, vm: str) -> Page:
+        """The VM's snapshots, oldest first; each names its `status.parent` (a tree)."""
+        return self._page(f"{_API}/vms/{_seg(vm)}/snapshots", {})
+
+    def create_snapshot(self, vm: str, name: str, *, memory: bool | None = None) -> ActionResult:
+        """Snapshot the VM's disks (and its RAM with `memory`; None: when it runs)."""
+        return self._act(
+            "POST", f"{_API}/vms/{_seg(vm)}/snapshots", {"name": name, "memory": memory}
+        )
+
+    def rollback_snapshot(self, vm: str, name: str) -> ActionResult:
+        return self._act("POST", f"{_API}/vms/{_seg(vm)}/snapshots/{_seg(name)}/rollback")
+
+    def delete_snapshot(self, vm: str, name: str) -> ActionResult:
+        return self._act("DELETE", f"{_API}/vms/{_seg(vm)}/snapshots/{_seg(name)}")
+
+    def clone_vm(self, vm: str, body: Mapping[str, Any]) -> ActionResult:
+        """A new VM with full copies of `vm`'s disks and new MAC addresses."""
+        return self._act("POST", f"{_API}/vms/{_seg(vm)}/clone", body)
+
+    def instantiate_template(self, template: str, body: Mapping[str, Any]) -> ActionResult:
+        """A new VM from a template (linked clones of its disks unless `full`)."""
+        return self._act("POST", f"{_API}/templates/{_seg(template)}/instantiate", body)
+
+    def delete_template(self, name: str, *, full_clones_first: bool = False) -> ApiObject:
+        params = {"full_clones_first": "true"} if full_clones_first else None
+        return self._object(self._send("DELETE", f"{_API}/templates/{_seg(name)}", params=params))
+
     # -- tasks -------------------------------------------------------------------------------
 
     def list_tasks(

@@ -22,19 +22,30 @@ from corral.errors import (
 )
 from corral.model import Node
 
-__all__ = ["call_host_storage"]
+__all__ = ["call_host_storage", "call_host_vms"]
 
 _TIMEOUT_S = 120.0
 
 
 async def call_host_storage(node: Node, op: dict[str, Any]) -> dict[str, Any]:
     """Run ``op`` on ``node``'s storage; its JSON answer."""
+    return await _call_host(node, "/api/v1/local/storage", op)
+
+
+async def call_host_vms(node: Node, op: dict[str, Any], timeout_s: float = 900.0) -> dict[str, Any]:
+    """Run ``op`` (snapshots, disk copies) on ``node``'s hypervisor; its JSON answer."""
+    return await _call_host(node, "/api/v1/local/vms", op, timeout_s)
+
+
+async def _call_host(
+    node: Node, path: str, op: dict[str, Any], timeout_s: float = _TIMEOUT_S
+) -> dict[str, Any]:
     base = node.status.address.rstrip("/")
     if not base:
         raise Unavailable(f"host {node.name} has no API address yet; retry once it registered")
     try:
-        async with httpx.AsyncClient(timeout=_TIMEOUT_S) as client:
-            resp = await client.post(f"{base}/api/v1/local/storage", json=op)
+        async with httpx.AsyncClient(timeout=timeout_s) as client:
+            resp = await client.post(f"{base}{path}", json=op)
     except httpx.HTTPError as exc:
         raise Unavailable(
             f"host {node.name} did not answer ({exc or type(exc).__name__}); its disks can only "

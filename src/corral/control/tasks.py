@@ -16,7 +16,13 @@ from corral.model.assignment import ALLOCATING_DISKS, STARTING_HYPERVISOR
 from corral.model.common import utcnow
 from corral.state import Objects
 
-__all__ = ["TaskLoop", "steps_for"]
+__all__ = ["SERVICE_ACTIONS", "TaskLoop", "steps_for"]
+
+# Tasks whose progress the server doing the work writes itself (snapshots, clones): this loop
+# only fails them when their deadline passes (the server died mid-way).
+SERVICE_ACTIONS = frozenset(
+    {"snapshot-create", "snapshot-rollback", "snapshot-delete", "clone", "instantiate"}
+)
 
 _STEPS: dict[str, list[str]] = {
     "create": ["accepted", "placed", "disks allocated", "applied on node"],
@@ -28,6 +34,11 @@ _STEPS: dict[str, list[str]] = {
     "delete": ["accepted", "removed from node", "forgotten"],
     "attach-disk": ["accepted", "applied on node"],
     "detach-disk": ["accepted", "applied on node"],
+    "snapshot-create": ["accepted", "snapshotting on node", "recorded"],
+    "snapshot-rollback": ["accepted", "rolling back on node", "recorded"],
+    "snapshot-delete": ["accepted", "deleting on node", "recorded"],
+    "clone": ["accepted", "copying disks", "vm created"],
+    "instantiate": ["accepted", "cloning disks", "vm created"],
 }
 
 
@@ -141,10 +152,25 @@ class TaskLoop:
     def __init__(self, ctx: LeaderContext) -> None:
         self.ctx = ctx
 
+    async def _deadline_only(self, task: Task) -> Outcome:
+        deadline = task.deadline_at or task.created_at + timedelta(
+            seconds=self.ctx.settings.task_timeout_s
+        )
+        if utcnow() < deadline:
+            return Outcome(requeue_after=max((deadline - utcnow()).total_seconds(), 0.1))
+        task.status = _finish(
+            task, "failed", error=f"timed out at {task.status.step or 'start'} (server gone?)"
+        )
+        task.updated_at = utcnow()
+        await self.ctx.commit([Objects.put(task)], [Objects.expect_unchanged(task)])
+        return Outcome(f"task {task.id[:8]} ({task.spec.action}): timed out")
+
     async def reconcile(self, task_id: str) -> Outcome:
         task = self.ctx.task(task_id)
         if task is None or task.final:
             return Outcome()
+        if task.spec.action in SERVICE_ACTIONS:
+            return await self._deadline_only(task)
         vm = self.ctx.vm(task.spec.target.name) if task.spec.target.kind == "vm" else None
         if vm is not None and vm.id != task.spec.params.get("vm_id", vm.id):
             vm = None  # a new VM under the same name is not this task's VM

@@ -31,6 +31,8 @@ class VolumeLoop:
         name = volume.status.attached_to
         if not name:
             return None
+        if name.startswith("template:"):
+            return name  # a template's read-only volume: held for as long as the template
         vm = self.ctx.vm(name)
         if vm is None or not any(d.volume == volume.name for d in vm.spec.disks):
             return None

@@ -47,8 +47,10 @@ from corral.service.context import ServiceContext, ServiceSettings
 from corral.service.join import JoinService
 from corral.service.node_api import LocalNodeService
 from corral.service.nodes import ClusterService, NodeService
+from corral.service.snapshots import SnapshotService
 from corral.service.storage import ImageService, PoolService, VolumeService
 from corral.service.tasks import TaskService
+from corral.service.templates import TemplateService
 from corral.service.tokens import TokenService
 from corral.service.vms import VmService
 from corral.state import Expect, Put, Store, keys
@@ -338,6 +340,15 @@ class Agent:
             return {"deleted": storage.delete(path), "path": str(path)}
         raise Malformed(f"op: must be create, resize or delete, not {kind!r}")
 
+    async def local_vms(self, op: dict[str, Any]) -> dict[str, Any]:
+        """A snapshot or disk-copy operation on this host's hypervisor (``service/snapshots.py``,
+        ``service/templates.py`` call it on the VM's host)."""
+        from corral.agent.vm_ops import run_vm_op
+
+        if self.storage is None or self.driver is None:
+            raise Unavailable("this host's hypervisor is not ready yet")
+        return await run_vm_op(self.driver, self.storage, op)
+
     async def local_console(self, name: str, max_bytes: int) -> bytes | None:
         """The tail of a VM's console log on this host; None when it has none here."""
         if not isinstance(self.driver, QemuDriver):
@@ -419,6 +430,9 @@ class Agent:
                         spawn=self._spawn,
                     ),
                     local_storage=self.local_storage,
+                    snapshots=SnapshotService(ctx, spawn=self._spawn),
+                    templates=TemplateService(ctx),
+                    local_vms=self.local_vms,
                 )
             )
             local = LocalNodeService(ctx)
@@ -444,6 +458,7 @@ class Agent:
                 self.readiness,
                 self.local_console,
                 local_storage=self.local_storage,
+                local_vms=self.local_vms,
                 tickets=_console_tickets(identity),
                 open_local=consoles.open,
             )

@@ -132,6 +132,9 @@ class VolumeSpec(Strict):
         default=False, description="copy the image instead of a linked clone (backing file)"
     )
     labels: Labels = Field(default_factory=dict)
+    backing_volume: Name | None = Field(
+        default=None, description="a linked clone of this (read-only template) volume"
+    )
 
 
 class VolumeCreate(Strict):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import re
 from datetime import datetime
 from typing import Literal
 
@@ -17,9 +19,11 @@ __all__ = [
     "Vm",
     "VmCreate",
     "VmDisk",
+    "VmNic",
     "VmSpec",
     "VmState",
     "VmStatus",
+    "new_mac",
 ]
 
 PowerState = Literal["running", "stopped", "paused"]
@@ -44,12 +48,38 @@ MIN_MEMORY_MIB = 64
 MAX_MEMORY_MIB = 4 * 1024 * 1024
 MAX_VCPUS = 256
 MAX_DISKS = 16
+MAX_NICS = 8
+_MAC_RE = re.compile(r"^([0-9a-f]{2}:){5}[0-9a-f]{2}$")
+
+
+def new_mac() -> str:
+    """A random MAC in QEMU's locally administered 52:54:00 range."""
+    return "52:54:00:" + ":".join(f"{b:02x}" for b in os.urandom(3))
 
 
 class VmDisk(Strict):
     """One disk of a VM: a volume (``corral volume ls``); the first one is the boot disk."""
 
     volume: Name
+
+
+class VmNic(Strict):
+    """One virtio network card (user-mode networking for now); ``mac`` unset: corral picks one
+    in 52:54:00:xx:xx:xx when the VM is created (and a new one for every clone)."""
+
+    mac: str | None = None
+
+    @field_validator("mac")
+    @classmethod
+    def _mac(cls, mac: str | None) -> str | None:
+        if mac is None:
+            return None
+        mac = mac.lower()
+        if not _MAC_RE.match(mac):
+            raise ValueError("must be six hex pairs separated by ':', e.g. 52:54:00:12:34:56")
+        if int(mac[:2], 16) & 1:
+            raise ValueError("must be a unicast address (the first byte even)")
+        return mac
 
 
 class VmSpec(Strict):
@@ -75,6 +105,7 @@ class VmSpec(Strict):
         default=None, description="the image the VM boots the way of (its kernel, cmdline)"
     )
     disks: list[VmDisk] = Field(default_factory=list, max_length=MAX_DISKS)
+    nics: list[VmNic] = Field(default_factory=list, max_length=MAX_NICS)
 
     @field_validator("disks")
     @classmethod

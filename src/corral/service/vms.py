@@ -13,7 +13,7 @@ from typing import Any, Literal
 from corral.errors import Conflict, NotFound, PreconditionFailed, ValidationFailed
 from corral.model import Image, Task, Vm, VmCreate, VmDisk, VmSpec, VmStatus, Volume, new_id, utcnow
 from corral.model.common import Strict, labels_match, merge_patch, parse_label_selector
-from corral.model.vm import MAX_DISKS, VM_STATES
+from corral.model.vm import MAX_DISKS, VM_STATES, new_mac
 from corral.service.context import RequestMeta, ServiceContext
 from corral.service.idempotency import IdempotencyGuard
 from corral.service.storage import VolumeService
@@ -120,6 +120,8 @@ class VmService:
             spec=req.spec(),
             status=VmStatus(state="pending", message="waiting for placement"),
         )
+        for nic in vm.spec.nics:
+            nic.mac = nic.mac or new_mac()
         volume_ops, volume_expect = await self._volumes_for(req, vm)
         vm.power_generation = vm.generation
         expected = vm.spec.power_state

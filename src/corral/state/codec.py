@@ -24,6 +24,8 @@ from corral.model import (
     Vm,
     Volume,
 )
+from corral.model.snapshot import VmSnapshot
+from corral.model.template import Template
 
 __all__ = ["CURRENT_VERSION", "CodecError", "decode", "encode", "model_for"]
 
@@ -44,6 +46,8 @@ _MODELS: dict[str, type[BaseModel]] = {
     "pool": Pool,
     "volume": Volume,
     "image": Image,
+    "snapshot": VmSnapshot,
+    "template": Template,
 }
 
 M = TypeVar("M", bound=BaseModel)

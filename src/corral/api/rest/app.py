@@ -14,6 +14,7 @@ from corral import __version__
 from corral.api.rest import render
 from corral.api.rest.errors import install_error_handlers, problem
 from corral.api.rest.middleware import BodyLimitMiddleware, RequestIdMiddleware
+from corral.api.rest.snapshots import LocalVms, add_snapshot_routes
 from corral.api.rest.storage import UPLOAD_PATH, LocalStorage, add_storage_routes
 from corral.api.rest.ws import serve_console
 from corral.errors import Malformed, NotFound
@@ -23,8 +24,10 @@ from corral.service.console_tickets import ConsoleKind
 from corral.service.context import RequestMeta
 from corral.service.join import JoinService
 from corral.service.nodes import ClusterService, NodeService
+from corral.service.snapshots import SnapshotService
 from corral.service.storage import ImageService, PoolService, VolumeService
 from corral.service.tasks import TaskService
+from corral.service.templates import TemplateService
 from corral.service.tokens import TokenService
 from corral.service.vms import Accepted, VmService
 from corral.telemetry import REQUEST_ID
@@ -60,6 +63,10 @@ class ApiServices:
     images: ImageService
     # This host's storage operations (servers and the leader call them on a file's host).
     local_storage: LocalStorage | None = None
+    snapshots: SnapshotService | None = None
+    templates: TemplateService | None = None
+    # This host's snapshot and disk-copy operations (servers call them on a VM's host).
+    local_vms: LocalVms | None = None
 
 
 def _meta(if_match: str | None, idempotency_key: str | None) -> RequestMeta:
@@ -112,6 +119,15 @@ def create_app(services: ApiServices) -> FastAPI:
         images=services.images,
         local_storage=services.local_storage,
         accepted=accepted,
+        meta=_meta,
+    )
+    add_snapshot_routes(
+        app,
+        snapshots=services.snapshots,
+        templates=services.templates,
+        tasks=services.tasks,
+        vms=services.vms,
+        local_vms=services.local_vms,
         meta=_meta,
     )
 

@@ -44,6 +44,7 @@ def create_proxy_app(
     local_console: Callable[[str, int], Awaitable[bytes | None]],
     *,
     local_storage: Callable[[dict[str, Any]], Awaitable[dict[str, Any]]] | None = None,
+    local_vms: Callable[[dict[str, Any]], Awaitable[dict[str, Any]]] | None = None,
     max_body_bytes: int = 1024 * 1024,
     tickets: ConsoleTickets | None = None,
     open_local: OpenLocalConsole | None = None,
@@ -97,6 +98,12 @@ def create_proxy_app(
         if local_storage is None:
             raise Unavailable("this host runs no node agent storage")
         return await local_storage(op)
+
+    @app.post("/api/v1/local/vms", include_in_schema=False)
+    async def host_vms(op: Annotated[dict[str, Any], Body()]) -> dict[str, Any]:
+        if local_vms is None:
+            raise Unavailable("this host runs no hypervisor")
+        return await local_vms(op)
 
     @app.put("/api/v1/images/{name}/files/{file}")
     async def refuse_upload(name: str, file: str) -> Response:

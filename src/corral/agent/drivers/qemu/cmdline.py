@@ -119,6 +119,15 @@ def _kernel_cmdline(cmdline: str) -> str:
     return cmdline
 
 
+_MAC_RE = re.compile(r"^([0-9a-f]{2}:){5}[0-9a-f]{2}$")
+
+
+def _mac(mac: str) -> str:
+    if not _MAC_RE.match(mac):
+        raise ValueError(f"must be a MAC address like 52:54:00:12:34:56, not {mac!r}")
+    return mac
+
+
 CleanPath = Annotated[Path, AfterValidator(_clean_path)]
 BootFile = Annotated[
     Path, AfterValidator(_clean_path), AfterValidator(_no_comma), AfterValidator(_regular_file)
@@ -208,6 +217,8 @@ class QemuConfig(_Frozen):
     run_dir: CleanPath
     vnc_display: int = Field(ge=0, le=65535 - VNC_BASE_PORT)
     vga: bool = Field(default=True, description="a VGA card, so the VNC console shows a screen")
+    # One virtio-net card per MAC, on user-mode networking.
+    nics: tuple[Annotated[str, AfterValidator(_mac)], ...] = Field(default=(), max_length=8)
 
     @model_validator(mode="after")
     def _slots_distinct(self) -> QemuConfig:
@@ -358,6 +369,13 @@ def build_argv(config: QemuConfig, *, binary: str = "qemu-system-x86_64") -> lis
             json.dumps(blockdev(slot, disk), separators=(",", ":")),
             "-device",
             _device_opts(disk_device(slot, config.machine, bootindex=bootindex)),
+        ]
+    for index, mac in enumerate(config.nics):
+        argv += [
+            "-netdev",
+            f"user,id=net{index}",
+            "-device",
+            f"virtio-net-pci,netdev=net{index},mac={mac},id=nic{index}",
         ]
     argv += ["-pidfile", str(config.pidfile), "-daemonize"]
     return argv

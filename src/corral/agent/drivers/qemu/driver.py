@@ -41,6 +41,7 @@ from typing import Any, Literal
 from pydantic import ValidationError
 
 from corral.agent.drivers.base import DriverBoot, DriverDisk, DriverVm, RuntimeState
+from corral.agent.drivers.qemu import snapshots
 from corral.agent.drivers.qemu.cmdline import (
     MAX_DISKS,
     VNC_BASE_PORT,
@@ -73,6 +74,7 @@ from corral.agent.drivers.qemu.process import (
 from corral.agent.drivers.qemu.qmp import LIFECYCLE_EVENTS, QmpSession
 from corral.errors import DriverError
 from corral.model.common import DNS_LABEL_RE
+from corral.model.vm import VmNic
 
 __all__ = ["EXTRA_PREFIX", "GUEST_POWERED_OFF", "QemuDriver"]
 
@@ -385,6 +387,7 @@ class QemuDriver:
         vm_uuid: str,
         machine: Machine,
         vnc_display: int,
+        nics: Sequence[VmNic] = (),
     ) -> QemuConfig:
         """A validated QemuConfig; DriverError naming every broken field otherwise."""
         # One model_validate over plain data, so an error names its full path (boot.kernel).
@@ -402,6 +405,7 @@ class QemuDriver:
                     "run_dir": self._vm_dir(name),
                     "vnc_display": vnc_display,
                     "vga": self.vga,
+                    "nics": [n.mac for n in nics if n.mac],
                 }
             )
         except ValidationError as exc:
@@ -418,6 +422,7 @@ class QemuDriver:
             vm_uuid=handle.uuid,
             machine=handle.machine,
             vnc_display=handle.vnc_display,
+            nics=handle.spec.nics,
         )
 
     async def _launch(self, name: str) -> QemuHandle:
@@ -852,3 +857,27 @@ class QemuDriver:
         """The argv the next ``start`` of this VM would run (for operators and benchmarks)."""
         accel, _ = await self._accelerator()
         return build_argv(self._handle_config(self._get(name), accel), binary=self.qemu_binary)
+
+    # -- snapshots and disk copies (see snapshots.py) ---------------------------------------
+
+    async def snapshot_create(
+        self, name: str, tag: str, *, memory: bool | None
+    ) -> snapshots.SnapshotResult:
+        """Internal snapshot ``tag`` of every disk (and the RAM with ``memory``)."""
+        return await snapshots.create(self, name, tag, memory)
+
+    async def snapshot_rollback(
+        self, name: str, tag: str, *, with_memory: bool, disks: Sequence[str]
+    ) -> snapshots.SnapshotResult:
+        """Put the disks ``disks`` (and the RAM of a live VM) back to snapshot ``tag``."""
+        return await snapshots.rollback(self, name, tag, with_memory, disks)
+
+    async def snapshot_delete(self, name: str, tag: str) -> snapshots.SnapshotResult:
+        """Remove snapshot ``tag`` from the VM's disks (idempotent)."""
+        return await snapshots.delete(self, name, tag)
+
+    async def copy_disk(
+        self, vm: str | None, source: Path, target: Path, *, linked: bool, size_gib: int | None
+    ) -> None:
+        """A linked or full copy of ``source``; a running ``vm`` keeps running meanwhile."""
+        await snapshots.copy_disk(self, vm, source, target, linked=linked, size_gib=size_gib)
