@@ -27,6 +27,8 @@ _STEPS: dict[str, list[str]] = {
     "delete": ["accepted", "removed from node", "forgotten"],
     "attach-disk": ["accepted", "applied on node"],
     "detach-disk": ["accepted", "applied on node"],
+    # Written by the migration loop (control/migrations.py), not by this one.
+    "migrate": ["accepted", "prepare target", "transfer", "switch over", "clean source"],
 }
 
 
@@ -136,7 +138,7 @@ class TaskLoop:
 
     async def reconcile(self, task_id: str) -> Outcome:
         task = self.ctx.task(task_id)
-        if task is None or task.final:
+        if task is None or task.final or task.spec.action == "migrate":
             return Outcome()
         vm = self.ctx.vm(task.spec.target.name) if task.spec.target.kind == "vm" else None
         if vm is not None and vm.id != task.spec.params.get("vm_id", vm.id):

@@ -23,6 +23,7 @@ from pydantic import ValidationError
 
 from corral.agent.console import LocalConsoles
 from corral.agent.drivers import Driver, QemuDriver
+from corral.agent.drivers.qemu.migration import QemuMigrator
 from corral.agent.inventory import collect_inventory
 from corral.agent.nodeapi import NodeService as NodeServiceProtocol
 from corral.agent.remote import RemoteNodeService
@@ -471,6 +472,7 @@ class Agent:
             inventory=collect_inventory(self.data_dir, driver.name),
             lease_ttl_s=s.lease_ttl_s,
             storage=storage,
+            migrator=QemuMigrator(driver) if isinstance(driver, QemuDriver) else None,
         )
         server = _ApiServer(
             uvicorn.Config(

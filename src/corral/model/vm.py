@@ -31,6 +31,7 @@ VmState = Literal[
     "starting",
     "running",
     "paused",
+    "migrating",
     "stopping",
     "stopped",
     "crashed",

@@ -25,7 +25,7 @@ CLUSTER = PREFIX + "cluster"
 LEADER = PREFIX + "leader"
 
 # Kinds stored under /corral/v1/<kind>/<name>.
-KINDS = frozenset({"nodes", "vms", "tasks", "tokens", "pools", "volumes", "images"})
+KINDS = frozenset({"nodes", "vms", "tasks", "tokens", "pools", "volumes", "images", "migrations"})
 
 
 def _check(part: str, what: str) -> str:

@@ -10,6 +10,7 @@ from typing import Generic, TypeVar
 from corral.errors import Conflict, NotFound
 from corral.model import Image, Node, Pool, Task, Token, Vm, Volume
 from corral.model.common import ObjectMeta, utcnow
+from corral.model.migration import Migration
 from corral.state import keys
 from corral.state.codec import decode, encode
 from corral.state.store import KV, Delete, Expect, Put, Store
@@ -27,6 +28,7 @@ _KINDS: dict[type[ObjectMeta], tuple[str, str]] = {
     Pool: ("pools", "pool"),
     Volume: ("volumes", "volume"),
     Image: ("images", "image"),
+    Migration: ("migrations", "migration"),
 }
 
 

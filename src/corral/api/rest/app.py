@@ -14,6 +14,7 @@ from corral import __version__
 from corral.api.rest import render
 from corral.api.rest.errors import install_error_handlers, problem
 from corral.api.rest.middleware import BodyLimitMiddleware, RequestIdMiddleware
+from corral.api.rest.migrations import add_migration_routes
 from corral.api.rest.storage import UPLOAD_PATH, LocalStorage, add_storage_routes
 from corral.api.rest.ws import serve_console
 from corral.errors import Malformed, NotFound
@@ -22,6 +23,7 @@ from corral.service.console import ConsoleService, parse_kind
 from corral.service.console_tickets import ConsoleKind
 from corral.service.context import RequestMeta
 from corral.service.join import JoinService
+from corral.service.migrations import MigrationService
 from corral.service.nodes import ClusterService, NodeService
 from corral.service.storage import ImageService, PoolService, VolumeService
 from corral.service.tasks import TaskService
@@ -60,6 +62,8 @@ class ApiServices:
     images: ImageService
     # This host's storage operations (servers and the leader call them on a file's host).
     local_storage: LocalStorage | None = None
+    # Live migration (None: built over the VM service's state).
+    migrations: MigrationService | None = None
 
 
 def _meta(if_match: str | None, idempotency_key: str | None) -> RequestMeta:
@@ -113,6 +117,13 @@ def create_app(services: ApiServices) -> FastAPI:
         local_storage=services.local_storage,
         accepted=accepted,
         meta=_meta,
+    )
+
+    add_migration_routes(
+        app,
+        services.migrations or MigrationService(services.vms.ctx),
+        finish,
+        _meta,
     )
 
     @app.get("/healthz", tags=["health"])
