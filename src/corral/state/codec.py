@@ -15,6 +15,7 @@ from corral.model import (
     Assignment,
     ClusterInfo,
     IdempotencyRecord,
+    Migration,
     Image,
     LeaderRecord,
     Node,
@@ -44,6 +45,7 @@ _MODELS: dict[str, type[BaseModel]] = {
     "pool": Pool,
     "volume": Volume,
     "image": Image,
+    "migration": Migration,
 }
 
 M = TypeVar("M", bound=BaseModel)
