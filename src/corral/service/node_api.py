@@ -183,7 +183,10 @@ class LocalNodeService:
             if obs.migration is not None and await self._migration_report(node, obs):
                 continue
 
+            placed_here: list[bool] = []
+
             def observe(vm: Vm, obs: VmObservation = obs) -> Vm | None:
+                placed_here[:] = [vm.id == obs.vm_id and vm.status.node == node]
                 if vm.id != obs.vm_id or vm.status.node != node or obs.epoch < vm.status.epoch:
                     return None  # a stale report about an older placement
                 st = vm.status
@@ -203,6 +206,8 @@ class LocalNodeService:
             except NotFound:
                 log.info("report about vm %s, which no longer exists", obs.vm)
                 continue
+            if not all(placed_here):
+                continue  # e.g. the source of a finished migration: its files are not the VM's
             for volume, path in obs.volumes.items():
                 await self._volume_made(node, volume, path)
 
