@@ -185,7 +185,9 @@ class LocalNodeService:
 
             placed_here: list[bool] = []
 
-            def observe(vm: Vm, obs: VmObservation = obs) -> Vm | None:
+            def observe(
+                vm: Vm, obs: VmObservation = obs, placed_here: list[bool] = placed_here
+            ) -> Vm | None:
                 placed_here[:] = [vm.id == obs.vm_id and vm.status.node == node]
                 if vm.id != obs.vm_id or vm.status.node != node or obs.epoch < vm.status.epoch:
                     return None  # a stale report about an older placement
