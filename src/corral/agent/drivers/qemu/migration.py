@@ -40,8 +40,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from corral.agent.drivers.qemu.cmdline import build_argv
-from corral.agent.drivers.qemu.driver import QemuDriver
+from corral.agent.drivers.qemu.cmdline import VNC_BASE_PORT, build_argv
+from corral.agent.drivers.qemu.driver import QemuDriver, _port_free
 from corral.agent.drivers.qemu.handle import QemuHandle, StoredDisk
 from corral.agent.drivers.qemu.process import launch
 from corral.errors import DriverError
@@ -181,6 +181,8 @@ class QemuMigrator:
             )
         accel, _ = await drv._accelerator()
         version = await drv._qemu_version()
+        if not _port_free(VNC_BASE_PORT + handle.vnc_display):
+            handle = drv._patch(name, vnc_display=drv._pick_display(name))
         config = drv._handle_config(handle, accel)
         for stale in (config.qmp_socket, config.serial_socket):
             stale.unlink(missing_ok=True)
