@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import statistics
 import tempfile
 import time
@@ -61,7 +62,9 @@ async def one_run(run: int, dirty: bool, base: Path) -> tuple[float, int, float]
     await dst.define(vm)
     await src.start(name)
     log_src = src.console_log_path(name)
-    while log_src.read_text(errors="replace").count("corral-heartbeat") < 3:
+    for _ in range(600):
+        if log_src.read_text(errors="replace").count("corral-heartbeat") >= 3:
+            break
         await asyncio.sleep(0.2)
     writer = None
     if dirty:
@@ -88,7 +91,7 @@ async def one_run(run: int, dirty: bool, base: Path) -> tuple[float, int, float]
     await asyncio.sleep(3)
     stop.set()
     await follower
-    gaps = [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
+    gaps = [b - a for a, b in itertools.pairwise(stamps)]
     gap = max(gaps) - 1.0 if gaps else float("nan")
     if writer is not None:
         writer.close()
