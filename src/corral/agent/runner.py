@@ -35,8 +35,10 @@ import random
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
+from urllib.parse import urlsplit
 
 from corral.agent.drivers.base import Driver, DriverBoot, DriverDisk, DriverVm
+from corral.agent.migrations import AgentMigrations, Migrator
 from corral.agent.nodeapi import NodeService
 from corral.agent.reconcile import HeldVm, VmPlan, diff_vms, hardware_changed, plan_actions
 from corral.agent.storage import HostStorage
@@ -48,6 +50,7 @@ from corral.model.assignment import (
     AssignedDisk,
     ObservedState,
 )
+from corral.model.migration import MigrationReport
 
 __all__ = ["NodeAgent"]
 
@@ -189,6 +192,8 @@ class NodeAgent:
         restart_initial_s: float = 1.0,
         restart_max_s: float = 300.0,
         restart_reset_s: float = 600.0,
+        migrator: Migrator | None = None,
+        migration_host: str | None = None,
     ) -> None:
         """``keepalive_s`` defaults to ``lease_ttl_s / 3``. ``retry_initial_s`` and
         ``retry_max_s`` bound the backoff of server calls and of failed VM operations.
@@ -237,6 +242,17 @@ class NodeAgent:
         self._done = asyncio.Event()
         self._pass_lock = asyncio.Lock()
         self._loops: list[asyncio.Task[None]] = []
+        # Live migrations (see ``corral.agent.migrations``); traffic binds to this host's own
+        # address (the one its API listens on, unless given).
+        host = migration_host or urlsplit(address).hostname or "127.0.0.1"
+        self._migrations = AgentMigrations(
+            node_name,
+            migrator,
+            host,
+            self._publish_migration,
+            self._define_for_migration,
+            self._wake.set,
+        )
 
     # -- public -----------------------------------------------------------------------------
 
@@ -299,6 +315,7 @@ class NodeAgent:
         for task in loops:
             task.cancel()
         await asyncio.gather(*loops, return_exceptions=True)
+        await self._migrations.close()
 
     async def _finish_workers(self, *, timeout_s: float) -> None:
         workers = list(self._busy.values())
@@ -485,8 +502,10 @@ class NodeAgent:
             to_run: list[VmPlan] = []
             notes: dict[str, str] = {}
             if desired is not None:
-                wanted = {name: a for name, a in desired.items() if name not in busy}
-                diff = diff_vms(wanted, actual)
+                # VMs in a live migration are driven by the migration workers only.
+                owned = self._migrations.owned(desired)
+                wanted = {name: a for name, a in desired.items() if name not in busy | owned}
+                diff = diff_vms(wanted, {n: v for n, v in actual.items() if n not in owned})
                 sentences.extend(ig.reason for ig in diff.ignored)
                 for held in diff.held:
                     notes[held.assignment.vm] = _held_note(held)
@@ -589,6 +608,7 @@ class NodeAgent:
             message=message,
             runtime=dict(vm.extra),
             volumes={d.id: d.path for d in vm.disks if d.id},
+            migration=self._migrations.reports.get(vm.name),
         )
 
     def _changed_observations(
@@ -807,6 +827,45 @@ class NodeAgent:
             exc_info=not isinstance(exc, DriverError),  # a driver bug: keep the traceback
         )
         return observation
+
+    # -- live migration ---------------------------------------------------------------------
+
+    async def _publish_migration(self, name: str, report: MigrationReport) -> bool:
+        """Report one VM's migration progress now; True once the servers took it."""
+        a = (self._desired or {}).get(name)
+        try:
+            vm = await self._driver.inspect(name)
+        except Exception:  # the report matters more than the VM's state here
+            vm = None
+        if vm is not None:
+            obs = self._observe(vm)
+            obs = obs.model_copy(update={"migration": report})
+        elif a is not None:
+            obs = VmObservation(
+                vm=name,
+                vm_id=a.vm_id,
+                epoch=a.epoch,
+                state="stopped",
+                observed_generation=0,
+                migration=report,
+            )
+        else:
+            return True
+        return await self._report([obs])
+
+    async def _define_for_migration(self, a: Assignment) -> DriverVm:
+        """The VM defined here (stopped) for an incoming migration, its volumes created."""
+        current = await self._driver.inspect(a.vm)
+        if current is not None:
+            if current.vm_id != a.vm_id:
+                raise DriverError(
+                    f"vm {a.vm}: another vm (id {current.vm_id}) has that name on this host"
+                )
+            return current
+        plan = VmPlan(a.vm, ("define",), a, None, f"defining vm {a.vm} for an incoming migration")
+        vm = await self._step("define", plan, None)
+        assert vm is not None
+        return vm
 
     # -- reporting --------------------------------------------------------------------------
 

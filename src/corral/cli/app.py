@@ -21,6 +21,7 @@ from typer.core import TyperGroup
 
 from corral.cli.cluster import cluster_app, node_app
 from corral.cli.context import DEFAULT_ADDR, CliConfig, CliState, OutputFormat
+from corral.cli.migrate import attach_migrate_commands
 from corral.cli.render import report_error
 from corral.cli.snapshot import add_snapshot_commands
 from corral.cli.storage import attach_disk_commands, image_app, pool_app, volume_app
@@ -97,6 +98,7 @@ app.add_typer(image_app, name="image")
 app.add_typer(template_app, name="template")
 attach_disk_commands(vm_app)
 add_snapshot_commands(vm_app)
+attach_migrate_commands(vm_app, task_app)
 
 
 def main() -> None:

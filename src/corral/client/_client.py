@@ -453,6 +453,40 @@ class CorralClient:
         )
         return self._action_result(response)
 
+    def migrate_vm(
+        self,
+        name: str,
+        body: Mapping[str, Any] | None = None,
+        *,
+        wait: bool = False,
+        timeout: float | None = None,
+    ) -> ActionResult:
+        """`POST /api/v1/vms/{name}/migrate`: live-migrate (body: `target`, `max_downtime_ms`,
+        `bandwidth_mib_s`, `timeout_s`); returns the VM and the migrate task."""
+        response = self._send(
+            "POST",
+            f"{_API}/vms/{_seg(name)}/migrate",
+            params=self._wait_params(wait, timeout),
+            body=dict(body or {}),
+            wait_timeout=timeout,
+            waits=wait,
+        )
+        return self._action_result(response)
+
+    def migrate_plan(self, name: str, body: Mapping[str, Any] | None = None) -> ApiObject:
+        """The dry run of `migrate_vm`: the target the scheduler picks and why."""
+        response = self._send(
+            "POST",
+            f"{_API}/vms/{_seg(name)}/migrate",
+            params={"dry_run": "true"},
+            body=dict(body or {}),
+        )
+        return self._object(response)
+
+    def cancel_task(self, task_id: str) -> ApiObject:
+        """`POST /api/v1/tasks/{id}/cancel`: ask for a running task (a migration) to stop."""
+        return self._object(self._send("POST", f"{_API}/tasks/{_seg(task_id)}/cancel"))
+
     # -- storage -----------------------------------------------------------------------------
 
     def list_objects(self, kind: str, **filters: str | None) -> Page:

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import TypeVar
 
 from corral.control.informer import Informer
-from corral.model import Assignment, Image, Node, Pool, Task, Vm, Volume
+from corral.model import Assignment, Image, Migration, Node, Pool, Task, Vm, Volume
 from corral.model.common import ObjectMeta
 from corral.state import KV, Delete, Expect, Objects, Put, Store, keys
 from corral.state.codec import decode
@@ -120,6 +120,9 @@ class LeaderContext:
 
     def image(self, name: str) -> Image | None:
         return self._get(Image, name)
+
+    def migration(self, vm: str) -> Migration | None:
+        return self._get(Migration, vm)
 
     def all(self, model: type[ObjT]) -> list[ObjT]:
         """Every object of a kind, read-only (shared with the cache)."""

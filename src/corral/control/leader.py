@@ -9,6 +9,7 @@ from corral.control.context import ControlSettings, LeaderContext
 from corral.control.gossip import GossipLoop, GossipView
 from corral.control.informer import Informer
 from corral.control.membership import MembershipLoop
+from corral.control.migrations import MigrationLoop
 from corral.control.nodes import NodeHealthLoop
 from corral.control.queue import Outcome, WorkQueue
 from corral.control.tasks import TaskLoop
@@ -28,6 +29,7 @@ _NODES = keys.kind_prefix("nodes")
 _TASKS = keys.kind_prefix("tasks")
 _ASSIGN = keys.PREFIX + "assign/"
 _VOLUMES = keys.kind_prefix("volumes")
+_MIGRATIONS = keys.kind_prefix("migrations")
 
 
 class LeaderLoops:
@@ -48,6 +50,7 @@ class LeaderLoops:
         self.expiry = WorkQueue("expiry", self._expire_idempotency)
         self.membership = WorkQueue("membership", MembershipLoop(self.ctx).reconcile)
         self.volumes = WorkQueue("volume", VolumeLoop(self.ctx).reconcile)
+        self.migrations = WorkQueue("migration", MigrationLoop(self.ctx).reconcile)
         self.gossip = (
             WorkQueue("gossip", GossipLoop(self.ctx, gossip_view).reconcile)
             if gossip_view is not None
@@ -63,6 +66,8 @@ class LeaderLoops:
             self.ctx.track(key)
             name = keys.name_from_key(key)
             self.vms.add(name)
+            if self.informer.get(keys.object_key("migrations", name)) is not None:
+                self.migrations.add(name)
             for task_id in self._tasks_by_vm.get(name, set()):
                 self.tasks.add(task_id)
         elif key.startswith(_TASKS):
@@ -79,6 +84,10 @@ class LeaderLoops:
             self.tasks.add(task_id)
         elif key.startswith(_NODES) or key.startswith(keys.LIVENESS_PREFIX):
             self.nodes.add(keys.name_from_key(key))
+        elif key.startswith(_MIGRATIONS):
+            name = keys.name_from_key(key)
+            self.migrations.add(name)
+            self.vms.add(name)  # a migration that ended hands the VM back to the VM loop
         elif key.startswith(_ASSIGN):
             self.vms.add(keys.name_from_key(key))
         elif key.startswith(_VOLUMES):
@@ -121,7 +130,16 @@ class LeaderLoops:
             tg.create_task(self.informer.run(), name="informer")
             await self.informer.synced.wait()
             log.info("leader loops running (term %d)", self.ctx.term)
-            for q in (self.vms, self.tasks, self.nodes, self.expiry, self.membership, self.volumes):
+            queues = (
+                self.vms,
+                self.tasks,
+                self.nodes,
+                self.expiry,
+                self.membership,
+                self.volumes,
+                self.migrations,
+            )
+            for q in queues:
                 tg.create_task(q.run(), name=f"queue-{q.name}")
             self.expiry.add("idempotency")
             if self.ctx.settings.manage_etcd:

@@ -39,6 +39,8 @@ _STEPS: dict[str, list[str]] = {
     "snapshot-delete": ["accepted", "deleting on node", "recorded"],
     "clone": ["accepted", "copying disks", "vm created"],
     "instantiate": ["accepted", "cloning disks", "vm created"],
+    # Written by the migration loop (control/migrations.py), not by this one.
+    "migrate": ["accepted", "prepare target", "transfer", "switch over", "clean source"],
 }
 
 
@@ -167,7 +169,7 @@ class TaskLoop:
 
     async def reconcile(self, task_id: str) -> Outcome:
         task = self.ctx.task(task_id)
-        if task is None or task.final:
+        if task is None or task.final or task.spec.action == "migrate":
             return Outcome()
         if task.spec.action in SERVICE_ACTIONS:
             return await self._deadline_only(task)

@@ -141,6 +141,9 @@ class VmLoop:
         vm = self.ctx.vm(name)
         if vm is None:
             return Outcome()
+        migration = self.ctx.migration(name)
+        if migration is not None and not migration.final and not vm.deleting:
+            return Outcome()  # the migration loop owns the VM's assignments meanwhile
         if vm.deleting:
             return await self._delete(vm)
         if vm.status.node is None:

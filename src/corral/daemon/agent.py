@@ -23,6 +23,7 @@ from pydantic import ValidationError
 
 from corral.agent.console import LocalConsoles
 from corral.agent.drivers import Driver, QemuDriver
+from corral.agent.drivers.qemu.migration import QemuMigrator
 from corral.agent.inventory import collect_inventory
 from corral.agent.nodeapi import NodeService as NodeServiceProtocol
 from corral.agent.remote import RemoteNodeService
@@ -489,6 +490,7 @@ class Agent:
             lease_ttl_s=s.lease_ttl_s,
             storage=storage,
             inventory_refresh=lambda pools: collect_inventory(self.data_dir, driver.name, pools),
+            migrator=QemuMigrator(driver) if isinstance(driver, QemuDriver) else None,
         )
         server = _ApiServer(
             uvicorn.Config(

@@ -4,6 +4,7 @@ from corral.model.assignment import Assignment, VmObservation
 from corral.model.cluster import ClusterConfig, ClusterInfo, LeaderRecord
 from corral.model.common import Labels, Name, new_id, rfc3339, utcnow
 from corral.model.idempotency import IdempotencyRecord
+from corral.model.migration import Migration, MigrationReport
 from corral.model.node import Allocated, Inventory, Node, NodeSpec, NodeStatus
 from corral.model.storage import (
     Image,
@@ -36,6 +37,8 @@ __all__ = [
     "Inventory",
     "Labels",
     "LeaderRecord",
+    "Migration",
+    "MigrationReport",
     "Name",
     "Node",
     "NodeSpec",

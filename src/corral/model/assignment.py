@@ -7,6 +7,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from corral.model.migration import IncomingMigration, MigrationReport, OutgoingMigration
 from corral.model.vm import VmSpec
 
 __all__ = [
@@ -97,6 +98,10 @@ class Assignment(BaseModel):
     disks: list[AssignedDisk] = Field(default_factory=list)
     # None: boot from the first disk (or, for a VM without an image, the host's default guest).
     boot: AssignedBoot | None = None
+    # A live migration in flight (see ``corral.control.migrations``): the target's assignment
+    # carries ``incoming``, the source's ``outgoing``.
+    incoming: IncomingMigration | None = None
+    outgoing: OutgoingMigration | None = None
 
 
 class VmObservation(BaseModel):
@@ -115,3 +120,5 @@ class VmObservation(BaseModel):
     runtime: dict[str, str] = Field(default_factory=dict)
     # The files of the VM's volumes on this host (volume name -> path), once they exist.
     volumes: dict[str, str] = Field(default_factory=dict)
+    # This host's side of a live migration of the VM, while one is in flight.
+    migration: MigrationReport | None = None

@@ -35,6 +35,7 @@ VmState = Literal[
     "starting",
     "running",
     "paused",
+    "migrating",
     "stopping",
     "stopped",
     "crashed",

@@ -16,6 +16,7 @@ from corral.errors import Conflict, CorralError, NotFound
 from corral.model import (
     Assignment,
     Inventory,
+    Migration,
     Node,
     NodeSpec,
     NodeStatus,
@@ -151,10 +152,45 @@ class LocalNodeService:
             return
         current[a.vm] = a
 
+    async def _migration_report(self, node: str, obs: VmObservation) -> bool:
+        """Record a host's side of a live migration in the migration record; True when the
+        observation must not touch the VM's status (the migration owns it until it ends)."""
+        report = obs.migration
+        assert report is not None
+
+        def record(m: Migration) -> Migration | None:
+            if m.spec.vm_id != obs.vm_id or m.id != report.id:
+                return None
+            host = m.spec.source if report.role == "source" else m.spec.target
+            if host != node:
+                return None
+            st = m.status
+            if (st.source if report.role == "source" else st.target) == report:
+                return None
+            if report.role == "source":
+                st.source = report
+            else:
+                st.target = report
+            return m
+
+        try:
+            await self.ctx.objects.update(Migration, obs.vm, record)
+        except NotFound:
+            return False
+        # A source that cancelled (or failed) runs the guest again: its report is the truth.
+        return not (report.role == "source" and report.status in ("cancelled", "failed"))
+
     async def report(self, node: str, observations: list[VmObservation]) -> None:
         for obs in observations:
+            if obs.migration is not None and await self._migration_report(node, obs):
+                continue
 
-            def observe(vm: Vm, obs: VmObservation = obs) -> Vm | None:
+            placed_here: list[bool] = []
+
+            def observe(
+                vm: Vm, obs: VmObservation = obs, placed_here: list[bool] = placed_here
+            ) -> Vm | None:
+                placed_here[:] = [vm.id == obs.vm_id and vm.status.node == node]
                 if vm.id != obs.vm_id or vm.status.node != node or obs.epoch < vm.status.epoch:
                     return None  # a stale report about an older placement
                 st = vm.status
@@ -174,6 +210,8 @@ class LocalNodeService:
             except NotFound:
                 log.info("report about vm %s, which no longer exists", obs.vm)
                 continue
+            if not all(placed_here):
+                continue  # e.g. the source of a finished migration: its files are not the VM's
             for volume, path in obs.volumes.items():
                 await self._volume_made(node, volume, path)
 

@@ -11,7 +11,19 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from corral.errors import Conflict, NotFound, PreconditionFailed, ValidationFailed
-from corral.model import Image, Task, Vm, VmCreate, VmDisk, VmSpec, VmStatus, Volume, new_id, utcnow
+from corral.model import (
+    Image,
+    Migration,
+    Task,
+    Vm,
+    VmCreate,
+    VmDisk,
+    VmSpec,
+    VmStatus,
+    Volume,
+    new_id,
+    utcnow,
+)
 from corral.model.common import Strict, labels_match, merge_patch, parse_label_selector
 from corral.model.vm import MAX_DISKS, VM_STATES, new_mac
 from corral.service.context import RequestMeta, ServiceContext
@@ -277,6 +289,13 @@ class VmService:
         replay = await guard.replay()
         if replay is not None:
             return await self._replayed(replay.response)
+        migration = await self.ctx.objects.find(Migration, name)
+        if migration is not None and not migration.final:
+            raise Conflict(
+                f"vm {name!r} is migrating to {migration.spec.target}; wait for task "
+                f"{migration.spec.task} or cancel it with "
+                f"`corral task cancel {migration.spec.task}`"
+            )
         for _ in range(8):
             vm = await self.get(name)
             self._check_if_match(vm, meta)

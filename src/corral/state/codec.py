@@ -17,6 +17,7 @@ from corral.model import (
     IdempotencyRecord,
     Image,
     LeaderRecord,
+    Migration,
     Node,
     Pool,
     Task,
@@ -48,6 +49,7 @@ _MODELS: dict[str, type[BaseModel]] = {
     "image": Image,
     "snapshot": VmSnapshot,
     "template": Template,
+    "migration": Migration,
 }
 
 M = TypeVar("M", bound=BaseModel)

@@ -26,7 +26,18 @@ LEADER = PREFIX + "leader"
 
 # Kinds stored under /corral/v1/<kind>/<name>.
 KINDS = frozenset(
-    {"nodes", "vms", "tasks", "tokens", "pools", "volumes", "images", "snapshots", "templates"}
+    {
+        "nodes",
+        "vms",
+        "tasks",
+        "tokens",
+        "pools",
+        "volumes",
+        "images",
+        "snapshots",
+        "templates",
+        "migrations",
+    }
 )
 
 

@@ -10,6 +10,7 @@ from typing import Generic, TypeVar
 from corral.errors import Conflict, NotFound
 from corral.model import Image, Node, Pool, Task, Token, Vm, Volume
 from corral.model.common import ObjectMeta, utcnow
+from corral.model.migration import Migration
 from corral.model.snapshot import VmSnapshot
 from corral.model.template import Template
 from corral.state import keys
@@ -31,6 +32,7 @@ _KINDS: dict[type[ObjectMeta], tuple[str, str]] = {
     Image: ("images", "image"),
     VmSnapshot: ("snapshots", "snapshot"),
     Template: ("templates", "template"),
+    Migration: ("migrations", "migration"),
 }
 
 

@@ -14,6 +14,7 @@ from corral import __version__
 from corral.api.rest import render
 from corral.api.rest.errors import install_error_handlers, problem
 from corral.api.rest.middleware import BodyLimitMiddleware, RequestIdMiddleware
+from corral.api.rest.migrations import add_migration_routes
 from corral.api.rest.snapshots import LocalVms, add_snapshot_routes
 from corral.api.rest.storage import UPLOAD_PATH, LocalStorage, add_storage_routes
 from corral.api.rest.ws import serve_console
@@ -23,6 +24,7 @@ from corral.service.console import ConsoleService, parse_kind
 from corral.service.console_tickets import ConsoleKind
 from corral.service.context import RequestMeta
 from corral.service.join import JoinService
+from corral.service.migrations import MigrationService
 from corral.service.nodes import ClusterService, NodeService
 from corral.service.snapshots import SnapshotService
 from corral.service.storage import ImageService, PoolService, VolumeService
@@ -67,6 +69,8 @@ class ApiServices:
     templates: TemplateService | None = None
     # This host's snapshot and disk-copy operations (servers call them on a VM's host).
     local_vms: LocalVms | None = None
+    # Live migration (None: built over the VM service's state).
+    migrations: MigrationService | None = None
 
 
 def _meta(if_match: str | None, idempotency_key: str | None) -> RequestMeta:
@@ -129,6 +133,13 @@ def create_app(services: ApiServices) -> FastAPI:
         vms=services.vms,
         local_vms=services.local_vms,
         meta=_meta,
+    )
+
+    add_migration_routes(
+        app,
+        services.migrations or MigrationService(services.vms.ctx),
+        finish,
+        _meta,
     )
 
     @app.get("/healthz", tags=["health"])

@@ -86,6 +86,9 @@ EXTRA_PREFIX = "qemu."
 ``update`` drops them, so only the agent's own keys are stored."""
 GUEST_POWERED_OFF = "the guest powered itself off"
 _CRASHED_STATUSES = frozenset({"internal-error", "io-error", "guest-panicked"})
+# A QEMU in these states holds a guest that is (being) migrated: it must never be resumed
+# (``cont`` on a migrated-away copy would run the guest twice), only quit.
+_MIGRATION_STATUSES = frozenset({"inmigrate", "postmigrate", "finish-migrate"})
 _RUNNING_WAIT_S = 10.0
 _KILL_WAIT_S = 5.0
 # A guest still booting misses an ACPI button press; pressing again is harmless to one that
@@ -324,6 +327,8 @@ class QemuDriver:
             status = await session.status()
             if status == "shutdown":
                 return True
+            if status in _MIGRATION_STATUSES:
+                return False  # no guest to shut down here: quit this QEMU
             if status != "running":
                 try:
                     await session.cont()  # a paused guest cannot see the button
@@ -628,6 +633,11 @@ class QemuDriver:
             if runtime.state == "running":
                 return self._driver_vm(name, runtime)
             if runtime.state == "paused":
+                if runtime.status in _MIGRATION_STATUSES:
+                    raise DriverError(
+                        f"qemu driver: vm {name}: qemu is {runtime.status}; a migrating copy "
+                        "is never resumed"
+                    )
                 await (await self._session(handle)).cont()
                 return self._driver_vm(name, await self._runtime(self._get(name)))
             if runtime.status is not None:
@@ -741,6 +751,11 @@ class QemuDriver:
             if runtime.state not in ("running", "paused"):
                 verb = "pause" if pause else "resume"
                 raise DriverError(f"qemu driver: cannot {verb} vm {name}: it is {runtime.state}")
+            if runtime.status in _MIGRATION_STATUSES:
+                raise DriverError(
+                    f"qemu driver: vm {name}: qemu is {runtime.status}; a migrating copy is "
+                    "never paused or resumed"
+                )
             session = await self._session(handle)
             await (session.stop() if pause else session.cont())
             return self._driver_vm(name, await self._runtime(self._get(name)))
