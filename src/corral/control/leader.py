@@ -10,6 +10,7 @@ from corral.control.gossip import GossipLoop, GossipView
 from corral.control.informer import Informer
 from corral.control.membership import MembershipLoop
 from corral.control.nodes import NodeHealthLoop
+from corral.control.placement import AllocationLoop, PlacementLoop
 from corral.control.queue import Outcome, WorkQueue
 from corral.control.tasks import TaskLoop
 from corral.control.vms import VmLoop
@@ -28,6 +29,7 @@ _NODES = keys.kind_prefix("nodes")
 _TASKS = keys.kind_prefix("tasks")
 _ASSIGN = keys.PREFIX + "assign/"
 _VOLUMES = keys.kind_prefix("volumes")
+_GROUPS = keys.kind_prefix("groups")
 
 
 class LeaderLoops:
@@ -42,7 +44,10 @@ class LeaderLoops:
     ) -> None:
         self.informer = Informer(store, keys.PREFIX)
         self.ctx = LeaderContext(store, self.informer, term, settings)
-        self.vms = WorkQueue("vm", VmLoop(self.ctx).reconcile)
+        self.placer = PlacementLoop(self.ctx, lambda: self.placement.add(PlacementLoop.KEY))
+        self.placement = WorkQueue("placement", self.placer.reconcile)
+        self.allocations = WorkQueue("allocation", AllocationLoop(self.ctx).reconcile)
+        self.vms = WorkQueue("vm", VmLoop(self.ctx, self.placer).reconcile)
         self.tasks = WorkQueue("task", TaskLoop(self.ctx).reconcile)
         self.nodes = WorkQueue("node", NodeHealthLoop(self.ctx).reconcile)
         self.expiry = WorkQueue("expiry", self._expire_idempotency)
@@ -60,9 +65,18 @@ class LeaderLoops:
         if self.informer.get(key) is None:
             self.ctx.forget(key)
         if key.startswith(_VMS):
+            before = self.ctx.node_of(key)
             self.ctx.track(key)
+            after = self.ctx.node_of(key)
             name = keys.name_from_key(key)
             self.vms.add(name)
+            for node in {before, after} - {None}:
+                assert node is not None
+                self.allocations.add(node)
+            if before is not None and after is None:
+                self.placer.poke()  # capacity was freed
+            if self.informer.get(key) is None:
+                self.placement.add("forget/" + name)
             for task_id in self._tasks_by_vm.get(name, set()):
                 self.tasks.add(task_id)
         elif key.startswith(_TASKS):
@@ -79,6 +93,9 @@ class LeaderLoops:
             self.tasks.add(task_id)
         elif key.startswith(_NODES) or key.startswith(keys.LIVENESS_PREFIX):
             self.nodes.add(keys.name_from_key(key))
+            self.placer.poke()
+        elif key.startswith(keys.ALLOC_PREFIX) or key.startswith(_GROUPS) or key == keys.CLUSTER:
+            self.placer.poke()
         elif key.startswith(_ASSIGN):
             self.vms.add(keys.name_from_key(key))
         elif key.startswith(_VOLUMES):
@@ -121,7 +138,16 @@ class LeaderLoops:
             tg.create_task(self.informer.run(), name="informer")
             await self.informer.synced.wait()
             log.info("leader loops running (term %d)", self.ctx.term)
-            for q in (self.vms, self.tasks, self.nodes, self.expiry, self.membership, self.volumes):
+            for q in (
+                self.vms,
+                self.tasks,
+                self.nodes,
+                self.expiry,
+                self.membership,
+                self.volumes,
+                self.placement,
+                self.allocations,
+            ):
                 tg.create_task(q.run(), name=f"queue-{q.name}")
             self.expiry.add("idempotency")
             if self.ctx.settings.manage_etcd:

@@ -74,7 +74,8 @@ class LocalNodeService:
                 pass  # registered concurrently: refresh it below
 
         def refresh(n: Node) -> Node:
-            n.spec = spec
+            # Keep what was set through the API (cordon, maintenance, reservations, ratios).
+            n.spec = n.spec.model_copy(update={"labels": spec.labels, "roles": spec.roles})
             n.status.address = address
             n.status.driver = driver
             n.status.inventory = inventory

@@ -25,7 +25,20 @@ from corral.state.store import make_cursor
 __all__ = ["Accepted", "VmList", "VmService"]
 
 Action = Literal["start", "stop", "reboot", "pause", "resume", "delete"]
-_PATCHABLE = {"vcpus", "memory_mib", "labels", "restart_policy"}
+_PATCHABLE = {
+    "vcpus",
+    "memory_mib",
+    "labels",
+    "restart_policy",
+    # Placement fields apply the next time the VM is placed (or moved).
+    "group",
+    "node_selector",
+    "required_labels",
+    "affinity_vm",
+    "spread_over",
+    "priority",
+    "placement_policy",
+}
 # Observed states in which there is no guest to pause, resume or reboot.
 _DOWN_STATES = frozenset({"stopped", "crashed"})
 

@@ -14,6 +14,7 @@ from pydantic import BaseModel, ValidationError
 from corral.model import (
     Assignment,
     ClusterInfo,
+    Group,
     IdempotencyRecord,
     Image,
     LeaderRecord,
@@ -44,6 +45,7 @@ _MODELS: dict[str, type[BaseModel]] = {
     "pool": Pool,
     "volume": Volume,
     "image": Image,
+    "group": Group,
 }
 
 M = TypeVar("M", bound=BaseModel)

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 from corral.errors import Conflict, NotFound
-from corral.model import Image, Node, Pool, Task, Token, Vm, Volume
+from corral.model import Group, Image, Node, Pool, Task, Token, Vm, Volume
 from corral.model.common import ObjectMeta, utcnow
 from corral.state import keys
 from corral.state.codec import decode, encode
@@ -27,6 +27,7 @@ _KINDS: dict[type[ObjectMeta], tuple[str, str]] = {
     Pool: ("pools", "pool"),
     Volume: ("volumes", "volume"),
     Image: ("images", "image"),
+    Group: ("groups", "group"),
 }
 
 
