@@ -10,6 +10,7 @@ from corral.control.gossip import GossipLoop, GossipView
 from corral.control.informer import Informer
 from corral.control.membership import MembershipLoop
 from corral.control.nodes import NodeHealthLoop
+from corral.control.operations import AUTO_KEY, OPERATION_ACTIONS, Mover, OperationLoop
 from corral.control.placement import AllocationLoop, PlacementLoop
 from corral.control.queue import Outcome, WorkQueue
 from corral.control.tasks import TaskLoop
@@ -41,6 +42,7 @@ class LeaderLoops:
         term: int,
         settings: ControlSettings,
         gossip_view: GossipView | None = None,
+        mover: Mover | None = None,
     ) -> None:
         self.informer = Informer(store, keys.PREFIX)
         self.ctx = LeaderContext(store, self.informer, term, settings)
@@ -48,6 +50,8 @@ class LeaderLoops:
         self.placement = WorkQueue("placement", self.placer.reconcile)
         self.allocations = WorkQueue("allocation", AllocationLoop(self.ctx).reconcile)
         self.vms = WorkQueue("vm", VmLoop(self.ctx, self.placer).reconcile)
+        # Drain and rebalance tasks; ``mover`` moves VMs (default: a cold relocation).
+        self.operations = WorkQueue("operation", OperationLoop(self.ctx, mover).reconcile)
         self.tasks = WorkQueue("task", TaskLoop(self.ctx).reconcile)
         self.nodes = WorkQueue("node", NodeHealthLoop(self.ctx).reconcile)
         self.expiry = WorkQueue("expiry", self._expire_idempotency)
@@ -85,6 +89,10 @@ class LeaderLoops:
             if kv is None:
                 return
             task = self.ctx.task(task_id)
+            if task is not None and task.spec.action in OPERATION_ACTIONS:
+                if not task.final:
+                    self.operations.add(task_id)
+                return
             if task is None or task.final:
                 for ids in self._tasks_by_vm.values():
                     ids.discard(task_id)
@@ -147,9 +155,11 @@ class LeaderLoops:
                 self.volumes,
                 self.placement,
                 self.allocations,
+                self.operations,
             ):
                 tg.create_task(q.run(), name=f"queue-{q.name}")
             self.expiry.add("idempotency")
+            self.operations.add(AUTO_KEY)
             if self.ctx.settings.manage_etcd:
                 self.membership.add("etcd")
             if self.gossip is not None:

@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from corral.control.context import LeaderContext
@@ -33,8 +33,8 @@ from corral.errors import Conflict
 from corral.model import ClusterConfig, ClusterInfo, Group, Node, Vm
 from corral.model.common import rfc3339, utcnow
 from corral.scheduler import Group as SchedGroup
-from corral.scheduler import NodeView, PlacedVm, Plan, Request, Scheduler, Snapshot
-from corral.scheduler.index import cpu_capacity, memory_capacity
+from corral.scheduler import Move, NodeView, PlacedVm, Plan, Request, Scheduler, Snapshot
+from corral.scheduler.index import ClusterIndex, cpu_capacity, memory_capacity
 from corral.state import KV, Delete, Expect, Objects, Put, keys
 from corral.state.codec import CodecError, decode, encode
 
@@ -42,11 +42,14 @@ __all__ = [
     "HOST_LABEL",
     "Allocation",
     "AllocationLoop",
+    "DrainStep",
     "Placement",
     "PlacementLoop",
     "build_snapshot",
     "commit_placements",
+    "move_dict",
     "placement_record",
+    "plan_drain",
     "vm_request",
 ]
 
@@ -521,3 +524,70 @@ class AllocationLoop:
         await self.ctx.commit([Put(keys.alloc_key(node), new.encode())], [have.expect(node)])
         what = f"released {', '.join(gone[:5])}" if gone else "updated"
         return Outcome(f"allocation of node {node} {what}: {len(want)} vms")
+
+
+# -- drain and rebalance plans -------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DrainStep:
+    """One VM of a host to drain: where it would go, or what blocks it."""
+
+    vm: str
+    target: str | None
+    blocker: str | None = None
+    kind: str | None = None  # "fits-nowhere" | "pinned"
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"vm": self.vm, "target": self.target, "blocker": self.blocker, "kind": self.kind}
+
+
+def move_dict(m: Move) -> dict[str, Any]:
+    return {
+        "vm": m.vm,
+        "source": m.source,
+        "target": m.target,
+        "score_before": m.score_before,
+        "score_after": m.score_after,
+    }
+
+
+def plan_drain(
+    snapshot: Snapshot,
+    node: str,
+    vms: dict[str, Vm],
+    pin: Any,
+) -> list[DrainStep]:
+    """The drain plan of ``node`` over ``snapshot`` (pure; see ``drain_steps``)."""
+    cordoned = tuple(replace(n, cordoned=True) if n.name == node else n for n in snapshot.nodes)
+    snap = replace(snapshot, nodes=cordoned)
+    sched = Scheduler(snap)
+    ix: ClusterIndex = sched.index
+    pos = ix.pos.get(node)
+    if pos is None:
+        return []
+    names = sorted(ix.on_host[pos], key=lambda n: (-ix.vm_request[n].priority, n))
+    steps = []
+    for name in names:
+        request = ix.vm_request[name]
+        pinned_to = request.node_selector.get(HOST_LABEL)
+        if pinned_to == node:
+            vm = vms.get(name)
+            pinned = pin(vm) if vm is not None else None
+            volume = pinned[1] if pinned else "a local volume"
+            steps.append(
+                DrainStep(
+                    name,
+                    None,
+                    f"vm {name} is pinned to {node}: volume {volume} lives on its own disk",
+                    "pinned",
+                )
+            )
+            continue
+        plan = sched.schedule(replace(request, source=node))
+        if plan.node is None:
+            steps.append(DrainStep(name, None, plan.explain(), "fits-nowhere"))
+            continue
+        sched.move(name, plan.node)
+        steps.append(DrainStep(name, plan.node))
+    return steps
