@@ -341,6 +341,8 @@ def test_drain_moves_every_vm_with_progress_and_cancel_stops_it(clean: AgentProc
 
 def test_rebalance_plan_and_apply(clean: AgentProcess) -> None:
     n1 = clean
+    caps = set_nodes(n1, **{CPU: 8.0})
+    assert min(caps.values()) >= 12, caps
     with api(n1) as c:
         for n in ("n2", "n3"):
             c.post(f"/api/v1/nodes/{n}/cordon")
