@@ -69,6 +69,16 @@ def test_vm_lifecycle_create_stop_start_reboot_delete(shared_agent: AgentProcess
             "labels": {"tier": "web"},
             "power_state": "running",
             "restart_policy": "on-failure",
+            "image": None,
+            "disks": [],
+            # Placement: defaults (see `corral vm why`).
+            "group": None,
+            "node_selector": {},
+            "required_labels": [],
+            "affinity_vm": None,
+            "spread_over": None,
+            "priority": 0,
+            "placement_policy": None,
         }
         uuid.UUID(vm["id"])
 
