@@ -8,15 +8,29 @@ the other, each plan applied before the next: half plain requests under the clus
 disks, KVM, priority and a ``binpack``/``balanced`` override. Also prints the rebalancer's
 planning time and score for the 1,000-host cluster. Target: >= 1,000 placements/s at 1,000 hosts.
 Run: ``make bench`` or ``.venv/bin/python -m bench.scheduler``.
+
+``--e2e`` measures placements end to end instead: a 3-server cluster of real agents (fake
+driver, VMs start at once) on 127.0.0.1-3, ``--e2e-vms`` creates POSTed with 64 in flight spread
+over the three APIs, timed from the first POST until every VM has a node (placed) and until
+every VM runs. Target: >= 200 placements/s.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import os
 import random
+import signal
+import subprocess
+import sys
+import tempfile
 import time
+from pathlib import Path
 
-from bench._util import summary
+import httpx
+
+from bench._util import free_port, summary
 from corral.scheduler import (
     Group,
     NodeView,
@@ -146,12 +160,175 @@ def rebalance(hosts: int, vms_per_host: int, seed: int) -> None:
     )
 
 
+def _agent(data: Path, name: str, ip: str, join: list[str]) -> tuple[subprocess.Popen[bytes], str]:
+    port = free_port(ip)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CORRAL_")}
+    env.update(
+        {
+            "CORRAL_DRIVER": "fake",
+            "CORRAL_FAKE_START_DELAY_S": "0",
+            "CORRAL_FAKE_STOP_DELAY_S": "0",
+            "CORRAL_CPU_ALLOCATION_RATIO": "1000",
+            "CORRAL_MEMORY_ALLOCATION_RATIO": "100",
+            "CORRAL_LOG_LEVEL": os.environ.get("BENCH_LOG_LEVEL", "warning"),
+        }
+    )
+    ports = [str(free_port(ip)) for _ in range(5)]
+    cmd = [
+        sys.executable, "-m", "corral", "agent", "--name", name, "--bind", ip,
+        "--data-dir", str(data / name), "--http-port", str(port),
+        "--etcd-client-port", ports[0], "--etcd-peer-port", ports[1], "--grpc-port", ports[2],
+        "--gossip-port", ports[3], "--gossip-rpc-port", str(free_port()),
+        *(join or ["--bootstrap"]),
+    ]  # fmt: skip
+    (data / name).mkdir(parents=True)
+    log = open(data / f"{name}.log", "ab")  # noqa: SIM115 - lives as long as the agent
+    proc = subprocess.Popen(cmd, stdout=log, stderr=log, env=env)
+    url = f"http://{ip}:{port}"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url + "/readyz", timeout=1).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    proc.kill()
+    raise SystemExit(f"agent {name} did not become ready; see {data / name}.log")
+
+
+def _count(url: str) -> tuple[int, int, int]:
+    """(vms, placed, running) over every page."""
+    total = placed = running = 0
+    cursor = None
+    while True:
+        params: dict[str, object] = {"limit": 1000, "stale": "true"}
+        if cursor:
+            params["cursor"] = cursor
+        page = httpx.get(url + "/api/v1/vms", params=params, timeout=30).json()  # type: ignore[arg-type]
+        for v in page["items"]:
+            total += 1
+            placed += v["status"]["node"] is not None
+            running += v["status"]["state"] == "running"
+        cursor = page["next_cursor"]
+        if not cursor:
+            return total, placed, running
+
+
+async def _create(urls: list[str], count: int, in_flight: int, prefix: str = "e2e") -> list[float]:
+    sem = asyncio.Semaphore(in_flight)
+    latencies: list[float] = []
+    clients = [
+        httpx.AsyncClient(base_url=u, timeout=60, limits=httpx.Limits(max_connections=in_flight))
+        for u in urls
+    ]
+    try:
+
+        async def one(i: int) -> None:
+            async with sem:
+                t0 = time.perf_counter()
+                key = {"Idempotency-Key": f"{prefix}-{i}-{os.getpid()}"}
+                for attempt in range(3):
+                    try:
+                        r = await clients[i % len(clients)].post(
+                            "/api/v1/vms",
+                            json={"name": f"{prefix}-{i}", "memory_mib": 64},
+                            headers=key,
+                        )
+                        break
+                    except httpx.TransportError as exc:
+                        # A dropped keep-alive connection: the same key makes the retry safe.
+                        if attempt == 2:
+                            raise SystemExit(f"create {prefix}-{i} failed: {exc!r}") from exc
+                latencies.append(time.perf_counter() - t0)
+                if r.status_code not in (200, 202):
+                    raise SystemExit(f"create failed: {r.status_code} {r.text}")
+
+        await asyncio.gather(*(one(i) for i in range(count)))
+    finally:
+        for c in clients:
+            await c.aclose()
+    return latencies
+
+
+def e2e(count: int, in_flight: int) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        data = Path(os.environ.get("BENCH_DIR") or tmp)
+        procs: list[subprocess.Popen[bytes]] = []
+        try:
+            p1, u1 = _agent(data, "s1", "127.0.0.1", [])
+            procs.append(p1)
+            r = httpx.post(u1 + "/api/v1/tokens", json={"uses": 5}, timeout=10)
+            secret = r.json()["secret"]
+            urls = [u1]
+            for name, ip in (("s2", "127.0.0.2"), ("s3", "127.0.0.3")):
+                p, u = _agent(data, name, ip, ["--join", urls[-1], "--token", secret])
+                procs.append(p)
+                urls.append(u)
+            while True:
+                items = httpx.get(u1 + "/api/v1/nodes", timeout=10).json()["items"]
+                if sum(n["status"]["state"] == "ready" for n in items) == 3:
+                    break
+                time.sleep(0.2)
+            print(f"end to end, 3 servers ({', '.join(urls)}), fake driver, {in_flight} in flight")
+            start = time.perf_counter()
+            lat = asyncio.run(_create(urls, count, in_flight))
+            posted = time.perf_counter() - start
+            print(summary("POST /api/v1/vms (accepted)", lat, posted))
+            placed_at = running_at = None
+            while running_at is None:
+                _, placed, running = _count(u1)
+                now = time.perf_counter() - start
+                if placed_at is None and placed >= count:
+                    placed_at = now
+                if running >= count:
+                    running_at = now
+                time.sleep(0.05)
+            assert placed_at is not None
+            print(
+                f"{'placed (first POST -> last node)':<34} {count:>6} vms  "
+                f"{count / placed_at:>8.0f}/s  in {placed_at:.2f} s"
+            )
+            print(
+                f"{'running (first POST -> last run)':<34} {count:>6} vms  "
+                f"{count / running_at:>8.0f}/s  in {running_at:.2f} s"
+            )
+            # The leader alone: VMs queued while every host is cordoned, then released at once.
+            for n in ("s1", "s2", "s3"):
+                httpx.post(f"{u1}/api/v1/nodes/{n}/cordon", timeout=10).raise_for_status()
+            asyncio.run(_create(urls, count, in_flight, prefix="q"))
+            start = time.perf_counter()
+            for n in ("s1", "s2", "s3"):
+                httpx.post(f"{u1}/api/v1/nodes/{n}/uncordon", timeout=10).raise_for_status()
+            while _count(u1)[1] < 2 * count:
+                time.sleep(0.05)
+            took = time.perf_counter() - start
+            print(
+                f"{'queued burst placed (uncordon)':<34} {count:>6} vms  "
+                f"{count / took:>8.0f}/s  in {took:.2f} s"
+            )
+        finally:
+            for p in procs:
+                p.send_signal(signal.SIGTERM)
+            for p in procs:
+                try:
+                    p.wait(30)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--placements", type=int, default=2000)
     parser.add_argument("--vms-per-host", type=int, default=10)
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--e2e", action="store_true", help="placements through the API instead")
+    parser.add_argument("--e2e-vms", type=int, default=1000)
+    parser.add_argument("--in-flight", type=int, default=64)
     args = parser.parse_args()
+    if args.e2e:
+        e2e(args.e2e_vms, args.in_flight)
+        return
     print("pure scheduler, one placement after another (each applied before the next)")
     for hosts, count in ((100, args.placements), (1000, args.placements), (10000, 300)):
         run(hosts, count, args.vms_per_host, args.seed)

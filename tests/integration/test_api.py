@@ -72,6 +72,14 @@ def test_vm_lifecycle_create_stop_start_reboot_delete(shared_agent: AgentProcess
             "image": None,
             "disks": [],
             "nics": [],
+            # Placement: defaults (see `corral vm why`).
+            "group": None,
+            "node_selector": {},
+            "required_labels": [],
+            "affinity_vm": None,
+            "spread_over": None,
+            "priority": 0,
+            "placement_policy": None,
         }
         uuid.UUID(vm["id"])
 

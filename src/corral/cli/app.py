@@ -21,6 +21,7 @@ from typer.core import TyperGroup
 
 from corral.cli.cluster import cluster_app, node_app
 from corral.cli.context import DEFAULT_ADDR, CliConfig, CliState, OutputFormat
+from corral.cli.group import group_app
 from corral.cli.migrate import attach_migrate_commands
 from corral.cli.render import report_error
 from corral.cli.snapshot import add_snapshot_commands
@@ -92,6 +93,7 @@ app.add_typer(node_app, name="node")
 app.add_typer(vm_app, name="vm")
 app.add_typer(task_app, name="task")
 app.add_typer(token_app, name="token")
+app.add_typer(group_app, name="group")
 app.add_typer(pool_app, name="pool")
 app.add_typer(volume_app, name="volume")
 app.add_typer(image_app, name="image")

@@ -174,3 +174,16 @@ def task_watch(
         raise typer.Exit(1)
     if not json_output:
         typer.echo(f"{describe_task(final)} succeeded")
+
+
+@task_app.command("cancel")
+def task_cancel(ctx: typer.Context, task_id: IdArg, output: OutputOpt = None) -> None:
+    """Cancel a drain or rebalance: no further moves start (moves under way finish)."""
+    state = get_state(ctx)
+    client = state.client()
+    task = resolve_task(client, task_id)
+    updated = client.cancel_task(str(task.get("id")))
+    if state.wants_json(output):
+        print_json(updated)
+        return
+    typer.echo(f"{describe_task(updated)}: cancel requested")

@@ -345,6 +345,45 @@ def vm_create(
         int,
         typer.Option("--nics", min=0, max=8, help="Network cards (virtio, user networking)."),
     ] = 0,
+    group: Annotated[
+        str | None, typer.Option("--group", help="Placement group (`corral group ls`).")
+    ] = None,
+    node_selector: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--node-selector",
+            metavar="KEY=VALUE",
+            help="Only hosts with this label value; repeatable.",
+            show_default=False,
+        ),
+    ] = None,
+    require_label: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--require-label",
+            metavar="KEY",
+            help="Only hosts carrying this label; repeatable.",
+            show_default=False,
+        ),
+    ] = None,
+    affinity_vm: Annotated[
+        str | None, typer.Option("--affinity-vm", help="Run on the host of this VM.")
+    ] = None,
+    spread_over: Annotated[
+        str | None,
+        typer.Option("--spread-over", metavar="LABEL", help="Spread the group over zone|rack."),
+    ] = None,
+    priority: Annotated[
+        int | None, typer.Option("--priority", min=0, max=1000, help="Higher is placed first.")
+    ] = None,
+    policy: Annotated[
+        str | None,
+        typer.Option("--policy", metavar="spread|binpack|balanced", help="Override the cluster's."),
+    ] = None,
+    dry_run: Annotated[
+        bool,
+        typer.Option("--dry-run", help="Show the host it would go to and why; create nothing."),
+    ] = False,
     wait: WaitOpt = True,
     timeout: TimeoutOpt = None,
     output: OutputOpt = None,
@@ -367,6 +406,20 @@ def vm_create(
         )
         return
     spec: dict[str, Any] = {"name": name, "power_state": "running" if start else "stopped"}
+    if group is not None:
+        spec["group"] = group
+    if node_selector:
+        spec["node_selector"] = parse_labels(node_selector)
+    if require_label:
+        spec["required_labels"] = list(require_label)
+    if affinity_vm is not None:
+        spec["affinity_vm"] = affinity_vm
+    if spread_over is not None:
+        spec["spread_over"] = spread_over
+    if priority is not None:
+        spec["priority"] = priority
+    if policy is not None:
+        spec["placement_policy"] = policy
     if image is not None:
         spec["image"] = image
         spec["pool"] = pool
@@ -386,8 +439,50 @@ def vm_create(
     labels = parse_labels(label)
     if labels:
         spec["labels"] = labels
+    if dry_run:
+        answer: Any = state.client().create_vm(spec, dry_run=True)
+        if state.wants_json(output):
+            print_json(answer)
+            return
+        typer.echo(f"dry run: {answer.get('message', '')} (nothing was created)")
+        emit(state.out, plan_table(answer.get("placement") or {}))
+        return
     result = state.client().create_vm(spec)
     _finish(state, result, name=name, verb="create", wait=wait, timeout=timeout, output=output)
+
+
+def plan_table(plan: dict[str, Any]) -> Any:
+    """The `vm why` table: each host with the filter that rejected it, or its scores."""
+    table = new_table("NODE", "OUTCOME", "FILTER", "REASON / SCORES", "TOTAL")
+    for row in plan.get("nodes") or []:
+        scores = row.get("scores") or {}
+        detail = row.get("reason") or ", ".join(f"{k} {v:.3f}" for k, v in scores.items())
+        total = row.get("total")
+        table.add_row(
+            cell(row.get("node")),
+            cell(row.get("outcome")),
+            cell(row.get("filter")),
+            cell(detail),
+            cell(f"{total:.3f}" if isinstance(total, int | float) else None),
+        )
+    return table
+
+
+@vm_app.command("why")
+def vm_why(ctx: typer.Context, name: NameArg, output: OutputOpt = None) -> None:
+    """Why the VM is on its host, or why it is pending: every host with the filter that
+    rejected it, or its scores."""
+    state = get_state(ctx)
+    answer = state.client().vm_placement(name)
+    if state.wants_json(output):
+        print_json(answer)
+        return
+    where = answer.get("node") or "no node"
+    typer.echo(f"vm {name} is {answer.get('state')} on {where}: {answer.get('message', '')}")
+    plan = answer.get("plan") or {}
+    when = "computed now" if answer.get("computed_now") else f"decided {answer.get('decided_at')}"
+    typer.echo(f"policy {plan.get('policy')}, {when}")
+    emit(state.out, plan_table(plan))
 
 
 @vm_app.command("edit")

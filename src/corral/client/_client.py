@@ -483,8 +483,61 @@ class CorralClient:
         )
         return self._object(response)
 
+    # -- placement ---------------------------------------------------------------------------
+
+    def vm_placement(self, name: str) -> ApiObject:
+        """`GET /api/v1/vms/{name}/placement`: every host with the filter that rejected it or
+        its scores (`corral vm why`)."""
+        return self._get(f"{_API}/vms/{_seg(name)}/placement")
+
+    def capacity(self, vcpus: int, memory_mib: int, tolerate_failures: int = 0) -> ApiObject:
+        """`GET /api/v1/capacity`: how many more VMs of this shape fit, per host and in all."""
+        return self._get(
+            f"{_API}/capacity",
+            _params(
+                vcpus=vcpus,
+                memory_mib=memory_mib,
+                tolerate_failures=tolerate_failures or None,
+            ),
+        )
+
+    def node_action(
+        self,
+        name: str,
+        action: str,
+        body: Mapping[str, Any] | None = None,
+        *,
+        dry_run: bool = False,
+    ) -> ApiObject:
+        """`POST /api/v1/nodes/{name}/{action}` (cordon, uncordon, drain, undrain,
+        maintenance/on, maintenance/off). Drain answers `{"object", "task", "plan"}`."""
+        path = f"{_API}/nodes/{_seg(name)}/" + "/".join(_seg(p) for p in action.split("/"))
+        response = self._send(
+            "POST",
+            path,
+            params=_params(dry_run=dry_run or None),
+            body=dict(body) if body is not None else None,
+        )
+        return self._object(response)
+
+    def patch_node(self, name: str, patch: Mapping[str, Any]) -> ApiObject:
+        response = self._send(
+            "PATCH", f"{_API}/nodes/{_seg(name)}", body=dict(patch), content_type=_MERGE_PATCH
+        )
+        return self._object(response)
+
+    def rebalance(self, body: Mapping[str, Any] | None = None, *, dry_run: bool) -> ApiObject:
+        """`POST /api/v1/cluster/rebalance`: `{"plan": {...}, "task": ... | None}`."""
+        response = self._send(
+            "POST",
+            f"{_API}/cluster/rebalance",
+            params=_params(dry_run=dry_run or None),
+            body=dict(body) if body is not None else None,
+        )
+        return self._object(response)
+
     def cancel_task(self, task_id: str) -> ApiObject:
-        """`POST /api/v1/tasks/{id}/cancel`: ask for a running task (a migration) to stop."""
+        """`POST /api/v1/tasks/{id}/cancel`: stop a running migration, drain or rebalance."""
         return self._object(self._send("POST", f"{_API}/tasks/{_seg(task_id)}/cancel"))
 
     # -- storage -----------------------------------------------------------------------------

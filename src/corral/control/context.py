@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import TypeVar
 
 from corral.control.informer import Informer
-from corral.model import Assignment, Image, Migration, Node, Pool, Task, Vm, Volume
+from corral.model import Assignment, Group, Image, Migration, Node, Pool, Task, Vm, Volume
 from corral.model.common import ObjectMeta
 from corral.state import KV, Delete, Expect, Objects, Put, Store, keys
 from corral.state.codec import decode
@@ -44,6 +44,8 @@ class LeaderContext:
     # placement does not walk every VM of the cluster.
     _taken: dict[str, tuple[str, int, int]] = field(default_factory=dict)
     _used: dict[str, list[int]] = field(default_factory=dict)
+    # node -> vm -> (vCPUs, MiB): what the allocation records should say.
+    _placed: dict[str, dict[str, tuple[int, int]]] = field(default_factory=dict)
 
     @property
     def fence(self) -> Expect:
@@ -73,6 +75,7 @@ class LeaderContext:
             used[0] -= old[1]
             used[1] -= old[2]
             used[2] -= 1
+            self._placed.get(old[0], {}).pop(keys.name_from_key(key), None)
         kv = self.informer.get(key)
         if kv is None:
             return
@@ -83,6 +86,19 @@ class LeaderContext:
             used[0] += vm.spec.vcpus
             used[1] += vm.spec.memory_mib
             used[2] += 1
+            self._placed.setdefault(vm.status.node, {})[vm.name] = (
+                vm.spec.vcpus,
+                vm.spec.memory_mib,
+            )
+
+    def node_of(self, key: str) -> str | None:
+        """The node the VM at ``key`` was placed on, as last tracked."""
+        taken = self._taken.get(key)
+        return taken[0] if taken else None
+
+    def placed_on(self, node: str) -> dict[str, tuple[int, int]]:
+        """VM -> (vCPUs, MiB) for every VM record placed on ``node`` (read-only)."""
+        return self._placed.get(node, {})
 
     def used(self, node: str) -> tuple[int, int, int]:
         """vCPUs, MiB and VM count placed on ``node`` (deleting VMs hold them until gone)."""
@@ -123,6 +139,9 @@ class LeaderContext:
 
     def migration(self, vm: str) -> Migration | None:
         return self._get(Migration, vm)
+
+    def group(self, name: str) -> Group | None:
+        return self._get(Group, name)
 
     def all(self, model: type[ObjT]) -> list[ObjT]:
         """Every object of a kind, read-only (shared with the cache)."""

@@ -11,6 +11,8 @@ from corral.control.informer import Informer
 from corral.control.membership import MembershipLoop
 from corral.control.migrations import MigrationLoop
 from corral.control.nodes import NodeHealthLoop
+from corral.control.operations import AUTO_KEY, OPERATION_ACTIONS, Mover, OperationLoop
+from corral.control.placement import AllocationLoop, PlacementLoop
 from corral.control.queue import Outcome, WorkQueue
 from corral.control.tasks import TaskLoop
 from corral.control.vms import VmLoop
@@ -30,6 +32,7 @@ _TASKS = keys.kind_prefix("tasks")
 _ASSIGN = keys.PREFIX + "assign/"
 _VOLUMES = keys.kind_prefix("volumes")
 _MIGRATIONS = keys.kind_prefix("migrations")
+_GROUPS = keys.kind_prefix("groups")
 
 
 class LeaderLoops:
@@ -41,10 +44,16 @@ class LeaderLoops:
         term: int,
         settings: ControlSettings,
         gossip_view: GossipView | None = None,
+        mover: Mover | None = None,
     ) -> None:
         self.informer = Informer(store, keys.PREFIX)
         self.ctx = LeaderContext(store, self.informer, term, settings)
-        self.vms = WorkQueue("vm", VmLoop(self.ctx).reconcile)
+        self.placer = PlacementLoop(self.ctx, lambda: self.placement.add(PlacementLoop.KEY))
+        self.placement = WorkQueue("placement", self.placer.reconcile)
+        self.allocations = WorkQueue("allocation", AllocationLoop(self.ctx).reconcile)
+        self.vms = WorkQueue("vm", VmLoop(self.ctx, self.placer).reconcile)
+        # Drain and rebalance tasks; ``mover`` moves VMs (default: a cold relocation).
+        self.operations = WorkQueue("operation", OperationLoop(self.ctx, mover).reconcile)
         self.tasks = WorkQueue("task", TaskLoop(self.ctx).reconcile)
         self.nodes = WorkQueue("node", NodeHealthLoop(self.ctx).reconcile)
         self.expiry = WorkQueue("expiry", self._expire_idempotency)
@@ -63,11 +72,20 @@ class LeaderLoops:
         if self.informer.get(key) is None:
             self.ctx.forget(key)
         if key.startswith(_VMS):
+            before = self.ctx.node_of(key)
             self.ctx.track(key)
+            after = self.ctx.node_of(key)
             name = keys.name_from_key(key)
             self.vms.add(name)
             if self.informer.get(keys.object_key("migrations", name)) is not None:
                 self.migrations.add(name)
+            for node in {before, after} - {None}:
+                assert node is not None
+                self.allocations.add(node)
+            if before is not None and after is None:
+                self.placer.poke()  # capacity was freed
+            if self.informer.get(key) is None:
+                self.placement.add("forget/" + name)
             for task_id in self._tasks_by_vm.get(name, set()):
                 self.tasks.add(task_id)
         elif key.startswith(_TASKS):
@@ -76,6 +94,10 @@ class LeaderLoops:
             if kv is None:
                 return
             task = self.ctx.task(task_id)
+            if task is not None and task.spec.action in OPERATION_ACTIONS:
+                if not task.final:
+                    self.operations.add(task_id)
+                return
             if task is None or task.final:
                 for ids in self._tasks_by_vm.values():
                     ids.discard(task_id)
@@ -84,10 +106,13 @@ class LeaderLoops:
             self.tasks.add(task_id)
         elif key.startswith(_NODES) or key.startswith(keys.LIVENESS_PREFIX):
             self.nodes.add(keys.name_from_key(key))
+            self.placer.poke()
         elif key.startswith(_MIGRATIONS):
             name = keys.name_from_key(key)
             self.migrations.add(name)
             self.vms.add(name)  # a migration that ended hands the VM back to the VM loop
+        elif key.startswith(keys.ALLOC_PREFIX) or key.startswith(_GROUPS) or key == keys.CLUSTER:
+            self.placer.poke()
         elif key.startswith(_ASSIGN):
             self.vms.add(keys.name_from_key(key))
         elif key.startswith(_VOLUMES):
@@ -138,10 +163,14 @@ class LeaderLoops:
                 self.membership,
                 self.volumes,
                 self.migrations,
+                self.placement,
+                self.allocations,
+                self.operations,
             )
             for q in queues:
                 tg.create_task(q.run(), name=f"queue-{q.name}")
             self.expiry.add("idempotency")
+            self.operations.add(AUTO_KEY)
             if self.ctx.settings.manage_etcd:
                 self.membership.add("etcd")
             if self.gossip is not None:

@@ -4,47 +4,24 @@ and remove deleted VMs."""
 from __future__ import annotations
 
 import logging
-from dataclasses import replace
+from typing import Protocol
 
 from corral.control.context import LeaderContext
 from corral.control.queue import Outcome
-from corral.model import Assignment, Image, Node, Pool, Vm, Volume
+from corral.model import Assignment, Image, Pool, Vm, Volume
 from corral.model.assignment import AssignedBoot, AssignedDisk, AssignedImageFile
-from corral.model.common import utcnow
-from corral.scheduler import NodeView, Request, Snapshot, schedule
 from corral.state import Delete, Objects, Put, keys
 from corral.state.codec import encode
 
-__all__ = ["VmLoop", "assigned_disk", "cluster_snapshot", "image_file"]
+__all__ = ["Placer", "VmLoop", "assigned_disk", "desired_assignment", "image_file", "volume_host"]
 
 log = logging.getLogger(__name__)
 
-UNPLACED_RETRY_S = 10.0
 
+class Placer(Protocol):
+    """Where the VM loop hands VMs without a node (``control.placement.PlacementLoop``)."""
 
-def cluster_snapshot(ctx: LeaderContext) -> Snapshot:
-    """Every node with what the VMs placed on it take."""
-    views = []
-    for node in ctx.all(Node):
-        inv = node.status.inventory
-        if inv is None:
-            continue
-        vcpus, memory_mib, count = ctx.used(node.name)
-        views.append(
-            NodeView(
-                name=node.name,
-                state=node.status.state,
-                roles=tuple(node.spec.roles),
-                cpus=inv.cpus,
-                memory_mib=inv.memory_mib,
-                used_vcpus=vcpus,
-                used_memory_mib=memory_mib,
-                vms=count,
-                labels=dict(node.spec.labels),
-            )
-        )
-    s = ctx.settings
-    return Snapshot(tuple(views), s.cpu_allocation_ratio, s.memory_allocation_ratio)
+    def want(self, vm: str) -> Outcome: ...
 
 
 def image_file(image: Image, file: str) -> AssignedImageFile | None:
@@ -134,8 +111,9 @@ def desired_assignment(vm: Vm, ctx: LeaderContext) -> Assignment:
 
 
 class VmLoop:
-    def __init__(self, ctx: LeaderContext) -> None:
+    def __init__(self, ctx: LeaderContext, placer: Placer) -> None:
         self.ctx = ctx
+        self.placer = placer
 
     async def reconcile(self, name: str) -> Outcome:
         vm = self.ctx.vm(name)
@@ -147,45 +125,8 @@ class VmLoop:
         if vm.deleting:
             return await self._delete(vm)
         if vm.status.node is None:
-            return await self._place(vm)
+            return self.placer.want(vm.name)
         return await self._sync_assignment(vm)
-
-    async def _place(self, vm: Vm) -> Outcome:
-        snapshot = cluster_snapshot(self.ctx)
-        pinned = volume_host(self.ctx, vm)
-        if pinned is not None:
-            # A volume on one host's own disk: the VM can run there only.
-            snapshot = replace(
-                snapshot, nodes=tuple(n for n in snapshot.nodes if n.name == pinned[0])
-            )
-        plan = schedule(
-            snapshot,
-            Request(vm=vm.name, vcpus=vm.spec.vcpus, memory_mib=vm.spec.memory_mib),
-        )
-        message = plan.explain()
-        if pinned is not None:
-            message = f"volume {pinned[1]} lives on host {pinned[0]}: {message}"
-        if plan.node is None:
-            if vm.status.message != message or vm.status.state != "pending":
-                vm.status.state = "pending"
-                vm.status.message = message
-                vm.updated_at = utcnow()
-                await self.ctx.commit([Objects.put(vm)], [Objects.expect_unchanged(vm)])
-            return Outcome(message, requeue_after=UNPLACED_RETRY_S)
-        vm.status.node = plan.node
-        vm.status.epoch += 1
-        vm.status.state = "pending" if vm.spec.power_state == "stopped" else "starting"
-        vm.status.message = message
-        vm.updated_at = utcnow()
-        assignment = desired_assignment(vm, self.ctx)
-        await self.ctx.commit(
-            [
-                Objects.put(vm),
-                Put(keys.assign_key(plan.node, vm.name), encode("assignment", assignment)),
-            ],
-            [Objects.expect_unchanged(vm)],
-        )
-        return Outcome(message)
 
     async def _sync_assignment(self, vm: Vm) -> Outcome:
         assert vm.status.node is not None
@@ -204,13 +145,19 @@ class VmLoop:
     async def _delete(self, vm: Vm) -> Outcome:
         node = vm.status.node
         if node is None:
-            await self.ctx.commit([Objects.delete(Vm, vm.name)], [Objects.expect_unchanged(vm)])
+            await self.ctx.commit(
+                [Objects.delete(Vm, vm.name), Delete(keys.placement_key(vm.name))],
+                [Objects.expect_unchanged(vm)],
+            )
             return Outcome(f"deleted vm {vm.name} (it was never placed)")
         host = self.ctx.node(node)
         if host is None or host.status.state in ("down", "left"):
             # Its host cannot confirm: forget the VM now; the host's agent drops it (its
             # assignment is gone) if it ever comes back.
-            ops: list[Put | Delete] = [Objects.delete(Vm, vm.name)]
+            ops: list[Put | Delete] = [
+                Objects.delete(Vm, vm.name),
+                Delete(keys.placement_key(vm.name)),
+            ]
             if self.ctx.assignment(node, vm.name) is not None:
                 ops.append(Delete(keys.assign_key(node, vm.name)))
             await self.ctx.commit(ops, [Objects.expect_unchanged(vm)])

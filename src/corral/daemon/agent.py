@@ -45,9 +45,12 @@ from corral.model.assignment import AssignedDisk, AssignedImageFile
 from corral.service.console import ConsoleService
 from corral.service.console_tickets import ConsoleTickets
 from corral.service.context import ServiceContext, ServiceSettings
+from corral.service.groups import GroupService
 from corral.service.join import JoinService
 from corral.service.node_api import LocalNodeService
 from corral.service.nodes import ClusterService, NodeService
+from corral.service.operations import OperationService
+from corral.service.placement import PlacementService
 from corral.service.snapshots import SnapshotService
 from corral.service.storage import ImageService, PoolService, VolumeService
 from corral.service.tasks import TaskService
@@ -404,9 +407,10 @@ class Agent:
                 await PoolService(ctx).ensure_default()
             except CorralError as exc:
                 raise AgentStartError(f"cannot reach etcd: {exc}") from exc
+            placement = PlacementService(ctx, s.cpu_allocation_ratio, s.memory_allocation_ratio)
             app = create_app(
                 ApiServices(
-                    vms=VmService(ctx),
+                    vms=VmService(ctx, placement),
                     tasks=TaskService(ctx),
                     nodes=NodeService(ctx),
                     cluster=ClusterService(ctx),
@@ -434,6 +438,9 @@ class Agent:
                     snapshots=SnapshotService(ctx, spawn=self._spawn),
                     templates=TemplateService(ctx),
                     local_vms=self.local_vms,
+                    placement=placement,
+                    groups=GroupService(ctx),
+                    operations=OperationService(ctx, placement),
                 )
             )
             local = LocalNodeService(ctx)

@@ -3,6 +3,7 @@
 from corral.model.assignment import Assignment, VmObservation
 from corral.model.cluster import ClusterConfig, ClusterInfo, LeaderRecord
 from corral.model.common import Labels, Name, new_id, rfc3339, utcnow
+from corral.model.group import Group, GroupCreate, GroupSpec, GroupStatus
 from corral.model.idempotency import IdempotencyRecord
 from corral.model.migration import Migration, MigrationReport
 from corral.model.node import Allocated, Inventory, Node, NodeSpec, NodeStatus
@@ -29,6 +30,10 @@ __all__ = [
     "Assignment",
     "ClusterConfig",
     "ClusterInfo",
+    "Group",
+    "GroupCreate",
+    "GroupSpec",
+    "GroupStatus",
     "IdempotencyRecord",
     "Image",
     "ImageCreate",

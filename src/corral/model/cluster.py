@@ -24,6 +24,16 @@ class ClusterConfig(BaseModel):
         le=86400,
         description="seconds a dead server keeps its etcd membership before it is replaced",
     )
+    placement_policy: Literal["spread", "binpack", "balanced"] = Field(
+        default="spread",
+        description="how hosts that fit are ranked, unless a VM sets its own placement_policy",
+    )
+    auto_rebalance_minutes: int = Field(
+        default=0,
+        ge=0,
+        le=7 * 24 * 60,
+        description="run the rebalancer every N minutes (0: never, the default)",
+    )
 
 
 class ClusterInfo(BaseModel):

@@ -67,10 +67,25 @@ class Allocated(BaseModel):
 
 
 class NodeSpec(BaseModel):
+    """Labels and roles come from the agent's flags; the rest is set through the API and kept
+    when the agent restarts."""
+
     model_config = ConfigDict(extra="forbid")
 
     labels: dict[str, str] = Field(default_factory=dict)
     roles: list[NodeRole] = Field(default_factory=lambda: list(_DEFAULT_ROLES))
+    cordoned: bool = Field(default=False, description="takes no new VMs (set by drain)")
+    maintenance: bool = Field(
+        default=False, description="an operator works on it: no VMs, not counted for capacity"
+    )
+    reserved_vcpus: int = Field(default=0, ge=0, le=4096, description="kept for the host")
+    reserved_memory_mib: int = Field(default=0, ge=0, description="kept for the host")
+    cpu_allocation_ratio: float | None = Field(
+        default=None, gt=0, le=1000, description="overcommit; default: the cluster's"
+    )
+    memory_allocation_ratio: float | None = Field(
+        default=None, gt=0, le=100, description="overcommit; default: the cluster's"
+    )
 
 
 class NodeStatus(BaseModel):

@@ -63,6 +63,9 @@ class Task(ObjectMeta):
     request_id: str = ""
     trace_id: str = ""
     deadline_at: datetime | None = None
+    # Set by ``POST /api/v1/tasks/{id}/cancel`` on tasks that can stop part-way (drain,
+    # rebalance); the loop running the task ends it as ``cancelled``.
+    cancel_requested: bool = False
 
     @property
     def final(self) -> bool:

@@ -9,11 +9,12 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from corral.model.common import Labels, Name, ObjectMeta, Strict
+from corral.model.common import Labels, Name, ObjectMeta, Strict, _check_labels
 
 __all__ = [
     "RESTART_POLICIES",
     "VM_STATES",
+    "PlacementPolicy",
     "PowerState",
     "RestartPolicy",
     "Vm",
@@ -27,6 +28,9 @@ __all__ = [
 ]
 
 PowerState = Literal["running", "stopped", "paused"]
+# How the scheduler ranks the hosts that fit (``ClusterConfig.placement_policy`` by default).
+PlacementPolicy = Literal["spread", "binpack", "balanced"]
+MAX_PRIORITY = 1000
 # What the node does when a VM goes down on its own (see ``VmSpec.restart_policy``).
 RestartPolicy = Literal["always", "on-failure", "never"]
 RESTART_POLICIES: tuple[str, ...] = RestartPolicy.__args__  # type: ignore[attr-defined]
@@ -107,6 +111,36 @@ class VmSpec(Strict):
     )
     disks: list[VmDisk] = Field(default_factory=list, max_length=MAX_DISKS)
     nics: list[VmNic] = Field(default_factory=list, max_length=MAX_NICS)
+    # -- placement (see ``corral vm why``) --
+    group: Name | None = Field(default=None, description="placement group (`corral group ls`)")
+    node_selector: Labels = Field(
+        default_factory=dict, description="host labels that must have exactly these values"
+    )
+    required_labels: list[str] = Field(
+        default_factory=list, max_length=64, description="host label keys that must be present"
+    )
+    affinity_vm: Name | None = Field(default=None, description="run on the host of this VM")
+    spread_over: str | None = Field(
+        default=None,
+        max_length=63,
+        pattern=r"^[A-Za-z0-9]([-A-Za-z0-9_./]{0,61}[A-Za-z0-9])?$",
+        description="host label key (zone, rack): keep the group evenly spread over its values",
+    )
+    priority: int = Field(
+        default=0,
+        ge=0,
+        le=MAX_PRIORITY,
+        description="higher: placed first, and kept apart from VMs of equal or higher priority",
+    )
+    placement_policy: PlacementPolicy | None = Field(
+        default=None, description="spread | binpack | balanced; default: the cluster's"
+    )
+
+    @field_validator("required_labels")
+    @classmethod
+    def _label_keys(cls, keys: list[str]) -> list[str]:
+        _check_labels(dict.fromkeys(keys, ""))
+        return keys
 
     @field_validator("disks")
     @classmethod

@@ -75,9 +75,8 @@ class LocalNodeService:
                 pass  # registered concurrently: refresh it below
 
         def refresh(n: Node) -> Node:
-            # What the host says about itself; fields the servers own (e.g. a cordon) stay.
-            n.spec.labels = spec.labels
-            n.spec.roles = spec.roles
+            # Keep what was set through the API (cordon, maintenance, reservations, ratios).
+            n.spec = n.spec.model_copy(update={"labels": spec.labels, "roles": spec.roles})
             n.status.address = address
             n.status.driver = driver
             n.status.inventory = inventory

@@ -28,6 +28,7 @@ from corral.model.common import Strict, labels_match, merge_patch, parse_label_s
 from corral.model.vm import MAX_DISKS, VM_STATES, new_mac
 from corral.service.context import RequestMeta, ServiceContext
 from corral.service.idempotency import IdempotencyGuard
+from corral.service.placement import PlacementService
 from corral.service.storage import VolumeService
 from corral.service.tasks import new_task
 from corral.service.validate import parse
@@ -37,7 +38,20 @@ from corral.state.store import make_cursor
 __all__ = ["Accepted", "VmList", "VmService"]
 
 Action = Literal["start", "stop", "reboot", "pause", "resume", "delete"]
-_PATCHABLE = {"vcpus", "memory_mib", "labels", "restart_policy"}
+_PATCHABLE = {
+    "vcpus",
+    "memory_mib",
+    "labels",
+    "restart_policy",
+    # Placement fields apply the next time the VM is placed (or moved).
+    "group",
+    "node_selector",
+    "required_labels",
+    "affinity_vm",
+    "spread_over",
+    "priority",
+    "placement_policy",
+}
 # Observed states in which there is no guest to pause, resume or reboot.
 _DOWN_STATES = frozenset({"stopped", "crashed"})
 
@@ -65,8 +79,9 @@ class StopBody(Strict):
 
 
 class VmService:
-    def __init__(self, ctx: ServiceContext) -> None:
+    def __init__(self, ctx: ServiceContext, placement: PlacementService | None = None) -> None:
         self.ctx = ctx
+        self.placement = placement
 
     # -- reads -----------------------------------------------------------------------------
 
@@ -123,6 +138,8 @@ class VmService:
         replay = await guard.replay()
         if replay is not None:
             return await self._replayed(replay.response)
+        if self.placement is not None:
+            await self.placement.check_refs(req.group)
         now = utcnow()
         vm = Vm(
             name=req.name,
@@ -250,6 +267,8 @@ class VmService:
                     "unknown-field",
                     f"unknown field; patchable: {', '.join(sorted(_PATCHABLE))}",
                 )
+        if self.placement is not None and isinstance(patch.get("group"), str):
+            await self.placement.check_refs(patch["group"])
         current = await self.get(name)
         self._check_if_match(current, meta)
         merged = merge_patch(current.spec.model_dump(mode="json"), patch)

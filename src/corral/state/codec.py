@@ -14,6 +14,7 @@ from pydantic import BaseModel, ValidationError
 from corral.model import (
     Assignment,
     ClusterInfo,
+    Group,
     IdempotencyRecord,
     Image,
     LeaderRecord,
@@ -50,6 +51,7 @@ _MODELS: dict[str, type[BaseModel]] = {
     "snapshot": VmSnapshot,
     "template": Template,
     "migration": Migration,
+    "group": Group,
 }
 
 M = TypeVar("M", bound=BaseModel)

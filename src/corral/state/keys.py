@@ -11,6 +11,7 @@ __all__ = [
     "KINDS",
     "LEADER",
     "PREFIX",
+    "alloc_key",
     "assign_key",
     "assign_prefix",
     "idempotency_key",
@@ -18,6 +19,7 @@ __all__ = [
     "liveness_key",
     "name_from_key",
     "object_key",
+    "placement_key",
 ]
 
 PREFIX = "/corral/v1/"
@@ -37,6 +39,7 @@ KINDS = frozenset(
         "snapshots",
         "templates",
         "migrations",
+        "groups",
     }
 )
 
@@ -75,6 +78,18 @@ def liveness_key(node: str) -> str:
 
 LIVENESS_PREFIX = PREFIX + "liveness/"
 IDEMPOTENCY_PREFIX = PREFIX + "idempotency/"
+# Per host: what the VMs placed there take (the plan applier compares its mod_revision).
+ALLOC_PREFIX = PREFIX + "alloc/"
+# Per VM: the scheduler's last answer for it (``corral vm why``).
+PLACEMENT_PREFIX = PREFIX + "placements/"
+
+
+def alloc_key(node: str) -> str:
+    return ALLOC_PREFIX + _check(node, "node")
+
+
+def placement_key(vm: str) -> str:
+    return PLACEMENT_PREFIX + _check(vm, "vm")
 
 
 def idempotency_key(scope: str, key: str) -> str:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 from corral.errors import Conflict, NotFound
-from corral.model import Image, Node, Pool, Task, Token, Vm, Volume
+from corral.model import Group, Image, Node, Pool, Task, Token, Vm, Volume
 from corral.model.common import ObjectMeta, utcnow
 from corral.model.migration import Migration
 from corral.model.snapshot import VmSnapshot
@@ -33,6 +33,7 @@ _KINDS: dict[type[ObjectMeta], tuple[str, str]] = {
     VmSnapshot: ("snapshots", "snapshot"),
     Template: ("templates", "template"),
     Migration: ("migrations", "migration"),
+    Group: ("groups", "group"),
 }
 
 

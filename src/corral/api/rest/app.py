@@ -15,6 +15,7 @@ from corral.api.rest import render
 from corral.api.rest.errors import install_error_handlers, problem
 from corral.api.rest.middleware import BodyLimitMiddleware, RequestIdMiddleware
 from corral.api.rest.migrations import add_migration_routes
+from corral.api.rest.placement import add_placement_routes
 from corral.api.rest.snapshots import LocalVms, add_snapshot_routes
 from corral.api.rest.storage import UPLOAD_PATH, LocalStorage, add_storage_routes
 from corral.api.rest.ws import serve_console
@@ -23,9 +24,12 @@ from corral.model import Task, TokenCreate, Vm, VmCreate
 from corral.service.console import ConsoleService, parse_kind
 from corral.service.console_tickets import ConsoleKind
 from corral.service.context import RequestMeta
+from corral.service.groups import GroupService
 from corral.service.join import JoinService
 from corral.service.migrations import MigrationService
 from corral.service.nodes import ClusterService, NodeService
+from corral.service.operations import OperationService
+from corral.service.placement import PlacementService
 from corral.service.snapshots import SnapshotService
 from corral.service.storage import ImageService, PoolService, VolumeService
 from corral.service.tasks import TaskService
@@ -71,6 +75,10 @@ class ApiServices:
     local_vms: LocalVms | None = None
     # Live migration (None: built over the VM service's state).
     migrations: MigrationService | None = None
+    # Placement: vm why, dry runs, capacity, groups, drain, rebalance.
+    placement: PlacementService | None = None
+    groups: GroupService | None = None
+    operations: OperationService | None = None
 
 
 def _meta(if_match: str | None, idempotency_key: str | None) -> RequestMeta:
@@ -141,6 +149,14 @@ def create_app(services: ApiServices) -> FastAPI:
         finish,
         _meta,
     )
+
+    if services.placement and services.groups and services.operations:
+        add_placement_routes(
+            app,
+            placement=services.placement,
+            groups=services.groups,
+            operations=services.operations,
+        )
 
     @app.get("/healthz", tags=["health"])
     async def healthz() -> dict[str, str]:
@@ -242,8 +258,15 @@ def create_app(services: ApiServices) -> FastAPI:
         wait: Wait = False,
         timeout: Timeout = 60.0,
         idempotency_key: IdemKey = None,
+        dry_run: Annotated[
+            bool, Query(description="validate and plan: the host it would go to, and why")
+        ] = False,
     ) -> JSONResponse:
         raw = await request.json()
+        if dry_run:
+            if services.placement is None:
+                raise NotFound("dry runs are not served here")
+            return JSONResponse(await services.placement.dry_run(raw))
         result = await services.vms.create(raw, _meta(None, idempotency_key))
         return await finish(result, wait, timeout)
 
