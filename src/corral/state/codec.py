@@ -24,6 +24,7 @@ from corral.model import (
     Vm,
     Volume,
 )
+from corral.model.pki import ClusterPki
 
 __all__ = ["CURRENT_VERSION", "CodecError", "decode", "encode", "model_for"]
 
@@ -44,6 +45,7 @@ _MODELS: dict[str, type[BaseModel]] = {
     "pool": Pool,
     "volume": Volume,
     "image": Image,
+    "pki": ClusterPki,
 }
 
 M = TypeVar("M", bound=BaseModel)

@@ -10,6 +10,7 @@ __all__ = [
     "CLUSTER",
     "KINDS",
     "LEADER",
+    "PKI",
     "PREFIX",
     "assign_key",
     "assign_prefix",
@@ -23,6 +24,8 @@ __all__ = [
 PREFIX = "/corral/v1/"
 CLUSTER = PREFIX + "cluster"
 LEADER = PREFIX + "leader"
+# The cluster's CAs (model/pki.py); written once at bootstrap.
+PKI = PREFIX + "pki"
 
 # Kinds stored under /corral/v1/<kind>/<name>.
 KINDS = frozenset({"nodes", "vms", "tasks", "tokens", "pools", "volumes", "images"})
