@@ -40,7 +40,6 @@ def _used_of(used: object, total: object, fmt: Callable[[object], str] = str) ->
     return f"{fmt(used) if used is not None else '-'}/{fmt(total) if total is not None else '-'}"
 
 
-@cluster_app.command("status")
 def _lag_cell(lag: object) -> Text:
     """Raft entries a member is behind the leader: "-" when unknown, red past 1,000."""
     if not isinstance(lag, int):
@@ -48,6 +47,7 @@ def _lag_cell(lag: object) -> Text:
     return Text(str(lag), style="red" if lag > 1000 else "yellow" if lag > 0 else "")
 
 
+@cluster_app.command("status")
 def cluster_status(ctx: typer.Context, output: OutputOpt = None) -> None:
     """Cluster id, leader and term, revision, node and VM counts, and the etcd members."""
     state = get_state(ctx)
