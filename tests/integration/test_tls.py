@@ -91,6 +91,12 @@ def test_every_host_holds_certificates_of_the_one_cluster_ca(
     )
     members = {m["name"]: m for m in info["members"]}
     assert all(u.startswith("https://") for m in members.values() for u in m["peer_urls"])
+    # Once promoted, the joined server talks to its own etcd member first.
+    wait_for(
+        lambda: "etcd member promoted: using it first" in n2.log_path.read_text(),
+        60,
+        "n2 to prefer its own etcd member",
+    )
 
 
 async def test_etcd_refuses_clients_without_a_certificate_of_its_ca(

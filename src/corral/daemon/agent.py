@@ -133,6 +133,7 @@ class Agent:
         self.consoles: LocalConsoles | None = None
         self._stop = asyncio.Event()
         self._background: set[asyncio.Task[None]] = set()
+        self._etcd_learner = False
 
     def request_stop(self) -> None:
         self._stop.set()
@@ -227,6 +228,7 @@ class Agent:
         except RuntimeError as exc:
             raise AgentStartError(str(exc)) from exc
         others = [u for u in identity.etcd_client_urls if u != cfg.client_url]
+        self._etcd_learner = bool(identity.etcd_initial_cluster)
         if identity.etcd_initial_cluster:
             # A new member is a learner still catching up: it cannot answer reads yet.
             return [*others, cfg.client_url]
@@ -322,6 +324,23 @@ class Agent:
             except CorralError:
                 await asyncio.sleep(0.5)
         log.warning("could not record this server's addresses in its node record")
+
+    async def _prefer_own_etcd(self, store: Store) -> None:
+        """A server that joined starts with the other servers' etcd endpoints first (its own
+        member is a learner that cannot answer yet). Once it is a voter, its own comes first:
+        otherwise a cut from the server it uses would stall its first calls for a timeout."""
+        etcd = self.etcd
+        assert etcd is not None
+        while True:
+            await asyncio.sleep(2.0)
+            try:
+                mine = [m for m in await store.members() if etcd.config.peer_url in m.peer_urls]
+            except CorralError:
+                continue
+            if mine and not mine[0].is_learner:
+                await store.prefer(etcd.config.client_url)
+                log.info("etcd member promoted: using it first (%s)", etcd.config.client_url)
+                return
 
     # -- consoles ----------------------------------------------------------------------------
 
@@ -556,6 +575,10 @@ class Agent:
                     self._record_addresses(ServiceContext(store)), name="record-addresses"
                 )
             )
+            if self._etcd_learner and self.etcd is not None:
+                self._background.add(
+                    asyncio.create_task(self._prefer_own_etcd(store), name="prefer-own-etcd")
+                )
         stopper = asyncio.create_task(self._stop.wait(), name="stop")
         log.info(
             "corral agent %s (%s) serving %s (driver %s)",

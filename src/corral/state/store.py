@@ -246,6 +246,23 @@ class Store:
                 self._client = client
             return self._client
 
+    async def prefer(self, endpoint: str) -> None:
+        """Put ``endpoint`` first and use it from the next call on (a server's own member, once
+        it can answer: reads and writes then need no other host)."""
+        async with self._lock:
+            if self._endpoints[self._index] == endpoint:
+                return
+            if endpoint in self._endpoints:
+                self._endpoints.remove(endpoint)
+            self._endpoints.insert(0, endpoint)
+            client, self._client = self._client, None
+            self._index = 0
+        if client is not None:
+            try:
+                await client.close()
+            except Exception:  # closing a broken channel may raise anything
+                log.debug("closing etcd client failed", exc_info=True)
+
     async def _failover(self, failed: aetcd.Client | None = None) -> None:
         async with self._lock:
             if failed is not None and self._client is not failed:
