@@ -43,7 +43,7 @@ from corral.v1 import node_pb2, node_pb2_grpc
 if TYPE_CHECKING:
     from corral.v1.node_pb2_grpc import NodeServiceAsyncStub
 
-__all__ = ["RemoteNodeService"]
+__all__ = ["RemoteNodeService", "client_credentials"]
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +102,13 @@ def _field_errors(exc: grpc.aio.AioRpcError) -> list[FieldError]:
         return []  # not ours: the details still say what went wrong
 
 
+def client_credentials(ca_pem: bytes, cert_pem: bytes, key_pem: bytes) -> grpc.ChannelCredentials:
+    """TLS that trusts only the cluster CA and presents this host's certificate."""
+    return grpc.ssl_channel_credentials(
+        root_certificates=ca_pem, private_key=key_pem, certificate_chain=cert_pem
+    )
+
+
 def _dump(model: Inventory | VmObservation) -> str:
     # Defaults left out: a field added later with a default stays readable by older servers.
     return model.model_dump_json(exclude_defaults=True)
@@ -113,7 +120,9 @@ class RemoteNodeService(NodeService):
     ``endpoints`` are gRPC targets of servers (``host:port``). ``timeout_s`` bounds each
     attempt of a unary call (a call tried on every endpoint may take ``len(endpoints)`` times
     that). ``cluster_id``, when set, is sent with every request; a server of another cluster
-    refuses it (PreconditionFailed). ``retry_initial_s`` / ``retry_max_s`` bound the pause of
+    refuses it (PreconditionFailed). ``credentials`` (``client_credentials``) make every
+    channel TLS: the servers' certificates are checked against the cluster CA and this host's
+    certificate is presented. ``retry_initial_s`` / ``retry_max_s`` bound the pause of
     the assignment stream after a whole round of servers failed.
 
     Use ``async with`` or ``await close()`` to close its channels. Safe for concurrent calls
@@ -128,6 +137,7 @@ class RemoteNodeService(NodeService):
         cluster_id: str = "",
         retry_initial_s: float = 0.5,
         retry_max_s: float = 10.0,
+        credentials: grpc.ChannelCredentials | None = None,
     ) -> None:
         if not endpoints:
             raise ValueError("endpoints: at least one server is needed")
@@ -139,6 +149,7 @@ class RemoteNodeService(NodeService):
         self._cluster_id = cluster_id
         self._retry_initial_s = retry_initial_s
         self._retry_max_s = retry_max_s
+        self._credentials = credentials
         self._current = 0
         self._channels: dict[int, grpc.aio.Channel] = {}
         self._stubs: dict[int, NodeServiceAsyncStub] = {}
@@ -168,7 +179,11 @@ class RemoteNodeService(NodeService):
         # Channels are made lazily: grpc.aio binds one to the event loop that first uses it.
         stub = self._stubs.get(index)
         if stub is None:
-            channel = grpc.aio.insecure_channel(self._endpoints[index], options=_CHANNEL_OPTIONS)
+            target = self._endpoints[index]
+            if self._credentials is not None:
+                channel = grpc.aio.secure_channel(target, self._credentials, _CHANNEL_OPTIONS)
+            else:
+                channel = grpc.aio.insecure_channel(target, options=_CHANNEL_OPTIONS)
             self._channels[index] = channel
             stub = self._stubs[index] = node_pb2_grpc.NodeServiceStub(channel)
         return stub

@@ -44,6 +44,13 @@ def _used_of(used: object, total: object, fmt: Callable[[object], str] = str) ->
     return f"{fmt(used) if used is not None else '-'}/{fmt(total) if total is not None else '-'}"
 
 
+def _lag_cell(lag: object) -> Text:
+    """Raft entries a member is behind the leader: "-" when unknown, red past 1,000."""
+    if not isinstance(lag, int):
+        return cell(None)
+    return Text(str(lag), style="red" if lag > 1000 else "yellow" if lag > 0 else "")
+
+
 @cluster_app.command("status")
 def cluster_status(ctx: typer.Context, output: OutputOpt = None) -> None:
     """Cluster id, leader and term, revision, node and VM counts, and the etcd members."""
@@ -69,9 +76,12 @@ def cluster_status(ctx: typer.Context, output: OutputOpt = None) -> None:
             ("Revision", cell(info.get("revision"))),
             ("Nodes", cell(f"{nodes.get('ready', '-')}/{nodes.get('total', '-')} ready")),
             ("VMs", cell(f"{vms.get('running', '-')}/{vms.get('total', '-')} running")),
+            ("CA", cell(info.get("ca_fingerprint"))),
         ]
     )
-    members = new_table("MEMBER", "ID", "ROLE", "HEALTH", "LEADER", "PEER URLS", "CLIENT URLS")
+    members = new_table(
+        "MEMBER", "ID", "ROLE", "HEALTH", "LEADER", "LAG", "PEER URLS", "CLIENT URLS"
+    )
     for member in info.get("members") or []:
         members.add_row(
             cell(member.get("name")),
@@ -79,6 +89,7 @@ def cluster_status(ctx: typer.Context, output: OutputOpt = None) -> None:
             cell("learner" if member.get("is_learner") else "voter"),
             state_cell("healthy" if member.get("healthy") else "unhealthy"),
             cell("*" if member.get("is_leader") else ""),
+            _lag_cell(member.get("lag")),
             cell(fmt_list(member.get("peer_urls"))),
             cell(fmt_list(member.get("client_urls"))),
         )

@@ -451,6 +451,8 @@ class FakeCorralApi:
                 "is_learner": n["name"] in self.learners,
                 "healthy": n["status"]["state"] == "ready",
                 "is_leader": n is leader,
+                "raft_index": self.revision,
+                "lag": 0,
             }
             for n in servers
         ]

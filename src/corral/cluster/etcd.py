@@ -13,6 +13,7 @@ import logging
 import os
 import shutil
 import signal
+import ssl
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,9 +21,27 @@ import httpx
 
 from corral.cluster.child import die_with_parent, wait_until_ready
 
-__all__ = ["EtcdConfig", "EtcdSupervisor"]
+__all__ = ["EtcdConfig", "EtcdSupervisor", "EtcdTlsFiles"]
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EtcdTlsFiles:
+    """The member's TLS files: the etcd CA, and its certificate and key (PEM).
+
+    The one certificate serves the client and peer listeners and is its client certificate
+    toward the other members; both listeners require a certificate of the same CA."""
+
+    ca: Path
+    cert: Path
+    key: Path
+
+    def ssl_context(self) -> ssl.SSLContext:
+        """A client context that trusts the etcd CA and presents this member's certificate."""
+        ctx = ssl.create_default_context(cafile=str(self.ca))
+        ctx.load_cert_chain(str(self.cert), str(self.key))
+        return ctx
 
 
 @dataclass(frozen=True)
@@ -35,14 +54,20 @@ class EtcdConfig:
     binary: str = "etcd"
     # Set when this member joins an existing cluster: "n1=http://..,n2=http://.." with itself.
     initial_cluster: str = ""
+    # TLS on both listeners with client certificate authentication; None: plaintext.
+    tls: EtcdTlsFiles | None = None
+
+    @property
+    def scheme(self) -> str:
+        return "https" if self.tls is not None else "http"
 
     @property
     def client_url(self) -> str:
-        return f"http://{self.bind}:{self.client_port}"
+        return f"{self.scheme}://{self.bind}:{self.client_port}"
 
     @property
     def peer_url(self) -> str:
-        return f"http://{self.bind}:{self.peer_port}"
+        return f"{self.scheme}://{self.bind}:{self.peer_port}"
 
     @property
     def member_dir(self) -> Path:
@@ -96,6 +121,14 @@ class EtcdSupervisor:
             "--log-outputs",
             "stderr",
         ]
+        if c.tls is not None:
+            files = [str(c.tls.cert), str(c.tls.key), str(c.tls.ca)]
+            cmd += [
+                *("--cert-file", files[0], "--key-file", files[1]),
+                *("--client-cert-auth", "--trusted-ca-file", files[2]),
+                *("--peer-cert-file", files[0], "--peer-key-file", files[1]),
+                *("--peer-client-cert-auth", "--peer-trusted-ca-file", files[2]),
+            ]
         if (c.member_dir / "member").exists():
             return cmd  # the member's own data says which cluster it belongs to
         if c.initial_cluster:
@@ -135,7 +168,10 @@ class EtcdSupervisor:
 
     async def _probe(self) -> bool:
         if self._http is None:
-            self._http = httpx.AsyncClient(timeout=2.0)
+            tls = self.config.tls
+            self._http = httpx.AsyncClient(
+                timeout=2.0, verify=tls.ssl_context() if tls is not None else True
+            )
         try:
             resp = await self._http.get(self.config.client_url + "/health")
             return resp.status_code == 200 and resp.json().get("health") == "true"

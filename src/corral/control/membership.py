@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import logging
 
-import httpx
-
 from corral.control.context import LeaderContext
 from corral.control.queue import Outcome
 from corral.errors import Conflict
@@ -95,16 +93,6 @@ def plan_membership(
     return None
 
 
-async def _answers(client_url: str) -> bool:
-    """Whether an etcd member's own /health says it is healthy (1 s budget)."""
-    try:
-        async with httpx.AsyncClient(timeout=1.0) as client:
-            resp = await client.get(client_url.rstrip("/") + "/health")
-        return resp.status_code == 200 and resp.json().get("health") == "true"
-    except (httpx.HTTPError, ValueError):
-        return False
-
-
 class MembershipLoop:
     def __init__(self, ctx: LeaderContext) -> None:
         self.ctx = ctx
@@ -121,7 +109,11 @@ class MembershipLoop:
     async def reconcile(self, _: str) -> Outcome:
         members = await self.ctx.store.members()
         nodes = {n.name: n for n in self.ctx.all(Node)}
-        healthy = {m.id for m in members if m.client_urls and await _answers(m.client_urls[0])}
+        # Asked over the store's own (TLS) connection settings: members answer only to those.
+        store = self.ctx.store
+        healthy = {
+            m.id for m in members if m.client_urls and await store.member_healthy(m.client_urls[0])
+        }
         change = plan_membership(members, nodes, self._config(), healthy)
         if change is None:
             return Outcome(requeue_after=PASS_EVERY_S)

@@ -37,11 +37,20 @@ from corral.cluster.serf import SerfAgent, generate_key
 from corral.cluster.serf_rpc import SerfClient
 from corral.control import ControlSettings, run_leader
 from corral.daemon.drivers import DriverSetupError, build_driver
-from corral.daemon.identity import ClusterIdentity, JoinRefused, request_join
+from corral.daemon.identity import (
+    NO_TLS,
+    PKI_VERSION,
+    ClusterIdentity,
+    HostPki,
+    JoinRefused,
+    bootstrap_pki,
+    join_cluster,
+)
 from corral.daemon.settings import AgentSettings
 from corral.errors import Conflict, CorralError, DriverError, Malformed, Unavailable
 from corral.model import ClusterConfig, ClusterInfo, Node, new_id, utcnow
 from corral.model.assignment import AssignedDisk, AssignedImageFile
+from corral.model.pki import ClusterPki
 from corral.service.console import ConsoleService
 from corral.service.console_tickets import ConsoleTickets
 from corral.service.context import ServiceContext, ServiceSettings
@@ -130,6 +139,7 @@ class Agent:
         self.consoles: LocalConsoles | None = None
         self._stop = asyncio.Event()
         self._background: set[asyncio.Task[None]] = set()
+        self._etcd_learner = False
 
     def request_stop(self) -> None:
         self._stop.set()
@@ -161,30 +171,35 @@ class Agent:
                     known.cluster_id,
                 )
             return known
-        legacy_member = (self.data_dir / "etcd" / "member").exists()
-        if s.bootstrap or legacy_member or s.etcd_endpoint_list:
-            # Created here (the cluster record is written once etcd runs).
-            return ClusterIdentity(cluster_id="", role="server", gossip_key="")
+        if (self.data_dir / "etcd" / "member").exists():
+            # An etcd member but no cluster.json: a data dir from before TLS.
+            raise AgentStartError(NO_TLS.format(where=self.data_dir))
+        if s.bootstrap or s.etcd_endpoint_list:
+            # The CAs are made here; they and the cluster record go to etcd once it runs.
+            secret, _ = bootstrap_pki(self.data_dir, s.name, [s.bind])
+            identity = ClusterIdentity(
+                cluster_id="", role="server", gossip_key="", pki=PKI_VERSION, pki_secret=secret
+            )
+            identity.save(self.data_dir)
+            return identity
         if not s.join:
             raise AgentStartError(
                 f"{self.data_dir} holds no cluster: pass --bootstrap to create one here, or "
                 "--join ADDR --token TOKEN to join one (or --data-dir to point at an existing one)"
             )
-        body: dict[str, Any] = {
-            "token": s.token,
-            "name": s.name,
-            "role": s.role,
+        fields: dict[str, Any] = {
             "api_url": s.api_url,
             "grpc_url": s.grpc_url,
             "gossip_address": s.gossip_address,
         }
         if s.role == "server":
-            body["etcd_peer_url"] = f"http://{s.bind}:{s.etcd_peer_port}"
-            body["etcd_client_url"] = f"http://{s.bind}:{s.etcd_client_port}"
+            fields["etcd_peer_url"] = f"https://{s.bind}:{s.etcd_peer_port}"
+            fields["etcd_client_url"] = f"https://{s.bind}:{s.etcd_client_port}"
         try:
-            answer = await request_join(s.join, body)
+            answer, files = await join_cluster(s.join, s.token, fields, name=s.name, role=s.role)
         except JoinRefused as exc:
             raise AgentStartError(str(exc)) from exc
+        HostPki(self.data_dir).save(files)
         identity = ClusterIdentity(
             cluster_id=answer["cluster_id"],
             role=s.role,
@@ -192,6 +207,8 @@ class Agent:
             servers=answer["servers"],
             gossip_peers=answer["gossip_peers"],
             etcd_initial_cluster=(answer.get("etcd") or {}).get("initial_cluster", ""),
+            pki=PKI_VERSION,
+            pki_secret=str(answer.get("pki_secret") or ""),
         )
         identity.save(self.data_dir)
         log.info("joined cluster %s as a %s host", identity.cluster_id, s.role)
@@ -208,6 +225,7 @@ class Agent:
             client_port=s.etcd_client_port,
             peer_port=s.etcd_peer_port,
             initial_cluster=identity.etcd_initial_cluster,
+            tls=HostPki(self.data_dir).etcd_files(),
         )
         self.etcd = EtcdSupervisor(cfg)
         try:
@@ -216,6 +234,7 @@ class Agent:
         except RuntimeError as exc:
             raise AgentStartError(str(exc)) from exc
         others = [u for u in identity.etcd_client_urls if u != cfg.client_url]
+        self._etcd_learner = bool(identity.etcd_initial_cluster)
         if identity.etcd_initial_cluster:
             # A new member is a learner still catching up: it cannot answer reads yet.
             return [*others, cfg.client_url]
@@ -226,11 +245,19 @@ class Agent:
         from corral.state.codec import decode
 
         kv = await store.get(keys.CLUSTER)
+        bootstrap_file = HostPki(self.data_dir).dir / "bootstrap.json"
         if kv is None:
             if not self.s.bootstrap:
                 raise AgentStartError(
                     "the etcd cluster holds no corral cluster: pass --bootstrap to create one"
                 )
+            try:
+                record = ClusterPki.model_validate_json(bootstrap_file.read_bytes())
+            except (OSError, ValidationError) as exc:
+                raise AgentStartError(
+                    f"{bootstrap_file} (the new cluster's CAs) is unreadable: {exc}; start from "
+                    "a new --data-dir"
+                ) from exc
             info = ClusterInfo(
                 id=new_id(),
                 name="corral",
@@ -244,11 +271,25 @@ class Agent:
             )
             with contextlib.suppress(Conflict):
                 await store.commit(
-                    [Put(keys.CLUSTER, encode("cluster", info))], [Expect.missing(keys.CLUSTER)]
+                    [
+                        Put(keys.CLUSTER, encode("cluster", info)),
+                        Put(keys.PKI, encode("pki", record)),
+                    ],
+                    [Expect.missing(keys.CLUSTER), Expect.missing(keys.PKI)],
                 )
                 log.info("bootstrapped cluster %s", info.id)
             kv = await store.get(keys.CLUSTER)
             assert kv is not None
+        pki_kv = await store.get(keys.PKI)
+        if pki_kv is None:
+            raise AgentStartError(NO_TLS.format(where="the cluster in etcd"))
+        ca = decode("pki", pki_kv.value, ClusterPki).ca_cert
+        if HostPki(self.data_dir).read("ca.crt").decode().strip() != ca.strip():
+            raise AgentStartError(
+                f"this host's certificates ({HostPki(self.data_dir).dir}) are of another CA "
+                "than the cluster's in etcd; start from a new --data-dir and join again"
+            )
+        bootstrap_file.unlink(missing_ok=True)
         info = decode("cluster", kv.value, ClusterInfo)
         if not info.gossip_key:
             # A cluster made before gossip existed: give it a key once.
@@ -268,11 +309,12 @@ class Agent:
         s = self.s
 
         def update(node: Node) -> Node | None:
+            scheme = self.etcd.config.scheme if self.etcd is not None else "http"
             want = (
                 s.grpc_url,
                 s.gossip_address,
-                f"http://{s.bind}:{s.etcd_peer_port}",
-                f"http://{s.bind}:{s.etcd_client_port}",
+                f"{scheme}://{s.bind}:{s.etcd_peer_port}",
+                f"{scheme}://{s.bind}:{s.etcd_client_port}",
             )
             st = node.status
             if (st.grpc_address, st.gossip_address, st.etcd_peer_url, st.etcd_client_url) == want:
@@ -288,6 +330,23 @@ class Agent:
             except CorralError:
                 await asyncio.sleep(0.5)
         log.warning("could not record this server's addresses in its node record")
+
+    async def _prefer_own_etcd(self, store: Store) -> None:
+        """A server that joined starts with the other servers' etcd endpoints first (its own
+        member is a learner that cannot answer yet). Once it is a voter, its own comes first:
+        otherwise a cut from the server it uses would stall its first calls for a timeout."""
+        etcd = self.etcd
+        assert etcd is not None
+        while True:
+            await asyncio.sleep(2.0)
+            try:
+                mine = [m for m in await store.members() if etcd.config.peer_url in m.peer_urls]
+            except CorralError:
+                continue
+            if mine and not mine[0].is_learner:
+                await store.prefer(etcd.config.client_url)
+                log.info("etcd member promoted: using it first (%s)", etcd.config.client_url)
+                return
 
     # -- consoles ----------------------------------------------------------------------------
 
@@ -389,6 +448,7 @@ class Agent:
         except DriverSetupError as exc:
             raise AgentStartError(str(exc)) from exc
         identity = self.identity = await self._identity()
+        host_pki = HostPki(self.data_dir)
         storage = self.storage = HostStorage(self.data_dir, fetch=self._fetch_image_file)
         # The default pool's directory, so the inventory shows its capacity from the start.
         storage.pool_dir("local", None).mkdir(parents=True, exist_ok=True)
@@ -397,7 +457,9 @@ class Agent:
         consoles = self.consoles = LocalConsoles(driver, s.name)
         if identity.role == "server":
             endpoints = await self._start_etcd(identity)
-            store = self.store = Store(endpoints)
+            # Our own etcd speaks TLS only; an etcd the user runs (--etcd-endpoints) is theirs.
+            etcd_tls = None if s.etcd_endpoint_list else host_pki.etcd_tls()
+            store = self.store = Store(endpoints, tls=etcd_tls)
             try:
                 identity = self.identity = await self._ensure_cluster(store, identity)
             except CorralError as exc:
@@ -415,7 +477,7 @@ class Agent:
                     nodes=NodeService(ctx),
                     cluster=ClusterService(ctx),
                     tokens=TokenService(ctx),
-                    join=JoinService(ctx),
+                    join=JoinService(ctx, pki_secret=identity.pki_secret),
                     console=ConsoleService(
                         ctx,
                         s.name,
@@ -446,7 +508,11 @@ class Agent:
             local = LocalNodeService(ctx)
             node_service: NodeServiceProtocol = local
             grpc_server = await start_grpc_server(
-                s.bind, s.grpc_port, local, cluster_id=identity.cluster_id
+                s.bind,
+                s.grpc_port,
+                local,
+                cluster_id=identity.cluster_id,
+                credentials=host_pki.grpc_server(),
             )
             control = ControlSettings(
                 cpu_allocation_ratio=s.cpu_allocation_ratio,
@@ -458,7 +524,9 @@ class Agent:
             self.election = LeaderElection(store, s.name, s.api_url, ttl_s=s.leader_ttl_s)
         else:
             self.remote = RemoteNodeService(
-                identity.server_grpc_urls, cluster_id=identity.cluster_id
+                identity.server_grpc_urls,
+                cluster_id=identity.cluster_id,
+                credentials=host_pki.grpc_client(),
             )
             node_service = self.remote
             app = create_proxy_app(
@@ -534,6 +602,10 @@ class Agent:
                     self._record_addresses(ServiceContext(store)), name="record-addresses"
                 )
             )
+            if self._etcd_learner and self.etcd is not None:
+                self._background.add(
+                    asyncio.create_task(self._prefer_own_etcd(store), name="prefer-own-etcd")
+                )
         stopper = asyncio.create_task(self._stop.wait(), name="stop")
         log.info(
             "corral agent %s (%s) serving %s (driver %s)",

@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-import contextlib
+import asyncio
 from dataclasses import dataclass
 from typing import Any, get_args
 
 from corral import __version__
-from corral.cluster import read_leader
+from corral.cluster import pki, read_leader
 from corral.errors import Conflict, CorralError, NotFound, ValidationFailed
 from corral.model import Allocated, ClusterConfig, ClusterInfo, Node, Vm, rfc3339
 from corral.model.common import labels_match, merge_patch, parse_label_selector
 from corral.model.node import NodeState
+from corral.model.pki import ClusterPki
 from corral.service.context import ServiceContext
 from corral.service.validate import parse
 from corral.state import Expect, Put, keys
@@ -140,11 +141,34 @@ class ClusterService:
         leader = await read_leader(store)
         nodes, _ = await self.ctx.objects.all(Node)
         vms, _ = await self.ctx.objects.all(Vm)
-        healthy: dict[int, bool] = {}
-        for m in members:
-            healthy[m.id] = False
-            with contextlib.suppress(CorralError):
-                healthy[m.id] = bool(m.client_urls) and await _member_healthy(m.client_urls[0])
+        # Every member asked at once, so their raft indexes are from (nearly) one moment.
+        answers = await asyncio.gather(
+            *(
+                store.member_status(m.client_urls[0])
+                for m in members
+                if m.client_urls  # a learner that has not started yet has none
+            ),
+            return_exceptions=True,
+        )
+        statuses = {
+            a.member_id: a
+            for a in answers
+            if not isinstance(a, BaseException) and a.member_id in {m.id for m in members}
+        }
+        for a in answers:
+            if isinstance(a, BaseException) and not isinstance(a, CorralError):
+                raise a
+        healthy = {m.id: m.id in statuses and statuses[m.id].leader_id != 0 for m in members}
+        leader_status = statuses.get(status.leader_id)
+        leader_index = leader_status.raft_index if leader_status else None
+
+        def lag(member_id: int) -> int | None:
+            mine = statuses.get(member_id)
+            if mine is None or leader_index is None:
+                return None
+            return max(0, leader_index - mine.raft_index)
+
+        pki_kv = await store.get(keys.PKI)
         return {
             "kind": "cluster",
             "id": info.id if info else None,
@@ -177,10 +201,16 @@ class ClusterService:
                     "is_learner": m.is_learner,
                     "is_leader": m.id == status.leader_id,
                     "healthy": healthy[m.id],
+                    "raft_index": statuses[m.id].raft_index if m.id in statuses else None,
+                    # Raft entries the member is behind the leader (None: it did not answer).
+                    "lag": lag(m.id),
                 }
                 for m in members
             ],
             "config": info.config.model_dump() if info else None,
+            "ca_fingerprint": (
+                pki.fingerprint(decode("pki", pki_kv.value, ClusterPki).ca_cert) if pki_kv else None
+            ),
             "nodes": {
                 "total": len(nodes),
                 "ready": sum(1 for n in nodes if n.status.state == "ready"),
@@ -190,14 +220,3 @@ class ClusterService:
                 "running": sum(1 for v in vms if v.status.state == "running"),
             },
         }
-
-
-async def _member_healthy(client_url: str) -> bool:
-    import httpx
-
-    try:
-        async with httpx.AsyncClient(timeout=1.0) as client:
-            resp = await client.get(client_url.rstrip("/") + "/health")
-        return resp.status_code == 200 and resp.json().get("health") == "true"
-    except (httpx.HTTPError, ValueError):
-        return False

@@ -10,15 +10,19 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
+from corral.cluster import pki
 from corral.errors import Conflict, CorralError, NotFound
 from corral.model import Token, TokenCreate, TokenSpec, TokenStatus, utcnow
+from corral.model.pki import ClusterPki
 from corral.service.context import ServiceContext
 from corral.service.validate import parse
-from corral.state import Objects
+from corral.state import Objects, keys
+from corral.state.codec import decode
 
 __all__ = ["InvalidToken", "TokenService"]
 
@@ -42,7 +46,7 @@ def _hash(secret: str) -> str:
 @dataclass(frozen=True)
 class IssuedToken:
     token: Token
-    secret: str  # "<id>.<secret>": shown once, never stored
+    secret: str  # "<id>.<secret>.<CA fingerprint hex>": shown once, never stored
 
 
 class TokenService:
@@ -72,7 +76,17 @@ class TokenService:
             [Objects.put(token)], [Objects.expect_missing(Token, token_id)]
         )
         token.create_revision = token.mod_revision = rev
-        return IssuedToken(token, f"{token_id}.{secret}")
+        # The token pins the cluster's CA: a joining host checks it talks to this cluster.
+        pin = await self.ca_fingerprint()
+        suffix = "." + pin.removeprefix("sha256:") if pin else ""
+        return IssuedToken(token, f"{token_id}.{secret}{suffix}")
+
+    async def ca_fingerprint(self) -> str:
+        """``sha256:<hex>`` of the cluster CA's key; "" in a cluster without one."""
+        kv = await self.ctx.store.get(keys.PKI)
+        if kv is None:
+            return ""
+        return pki.fingerprint(decode("pki", kv.value, ClusterPki).ca_cert)
 
     async def list(self) -> tuple[list[Token], int]:
         return await self.ctx.objects.all(Token)
@@ -92,12 +106,24 @@ class TokenService:
 
     async def consume(self, presented: str, node: str) -> Token:
         """Check a presented token and count one use, atomically. Raises InvalidToken."""
-        token_id, sep, secret = presented.strip().partition(".")
-        if not sep or not token_id.isalnum() or len(token_id) > 16 or not secret:
+        token_id, sep, rest = presented.strip().partition(".")
+        secret = rest.partition(".")[0]
+        if not sep or not secret:
+            raise InvalidToken()
+        return await self.consume_proven(
+            token_id, node, lambda t: hmac.compare_digest(t.secret_hash, _hash(secret))
+        )
+
+    async def consume_proven(
+        self, token_id: str, node: str, proven: Callable[[Token], bool]
+    ) -> Token:
+        """Count one use of token ``token_id`` if ``proven(token)`` (the caller's check that
+        the holder knows its secret) and it is still valid, atomically. Raises InvalidToken."""
+        if not token_id.isalnum() or len(token_id) > 16:
             raise InvalidToken()
 
         def use(t: Token) -> Token:
-            if not hmac.compare_digest(t.secret_hash, _hash(secret)):
+            if not proven(t):
                 raise InvalidToken()
             if t.status.revoked or t.spec.expires_at <= utcnow():
                 raise InvalidToken()

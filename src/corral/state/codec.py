@@ -26,6 +26,7 @@ from corral.model import (
     Vm,
     Volume,
 )
+from corral.model.pki import ClusterPki
 from corral.model.snapshot import VmSnapshot
 from corral.model.template import Template
 
@@ -52,6 +53,7 @@ _MODELS: dict[str, type[BaseModel]] = {
     "template": Template,
     "migration": Migration,
     "group": Group,
+    "pki": ClusterPki,
 }
 
 M = TypeVar("M", bound=BaseModel)

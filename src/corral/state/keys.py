@@ -10,6 +10,7 @@ __all__ = [
     "CLUSTER",
     "KINDS",
     "LEADER",
+    "PKI",
     "PREFIX",
     "alloc_key",
     "assign_key",
@@ -25,6 +26,8 @@ __all__ = [
 PREFIX = "/corral/v1/"
 CLUSTER = PREFIX + "cluster"
 LEADER = PREFIX + "leader"
+# The cluster's CAs (model/pki.py); written once at bootstrap.
+PKI = PREFIX + "pki"
 
 # Kinds stored under /corral/v1/<kind>/<name>.
 KINDS = frozenset(

@@ -23,6 +23,8 @@ from urllib.parse import urlsplit
 
 import aetcd
 import aetcd.rpc as rpc
+import grpc
+from aetcd import watcher as aetcd_watcher
 from aetcd.utils import prefix_range_end
 
 from corral.errors import Conflict, CorralError, Malformed, Unavailable
@@ -31,6 +33,7 @@ __all__ = [
     "KV",
     "Compacted",
     "Delete",
+    "EtcdTls",
     "Expect",
     "Member",
     "Page",
@@ -121,6 +124,52 @@ class StoreStatus:
     revision: int
 
 
+@dataclass(frozen=True)
+class EtcdTls:
+    """What a client needs to talk TLS to etcd: the CA to trust and its own certificate (PEM).
+
+    etcd runs with client certificate authentication, so a client without a certificate of
+    the etcd CA is turned away at the handshake."""
+
+    ca_pem: bytes
+    cert_pem: bytes
+    key_pem: bytes
+
+    def credentials(self) -> grpc.ChannelCredentials:
+        return grpc.ssl_channel_credentials(
+            root_certificates=self.ca_pem,
+            private_key=self.key_pem,
+            certificate_chain=self.cert_pem,
+        )
+
+
+class _TlsClient(aetcd.Client):  # type: ignore[misc]
+    """aetcd's client over a TLS channel (aetcd itself only opens plaintext channels).
+
+    It opens the channel the way ``aetcd.Client.connect`` does, with TLS credentials instead:
+    the stubs and the watcher are aetcd's own."""
+
+    def __init__(self, *args: Any, credentials: grpc.ChannelCredentials, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self._credentials = credentials
+
+    async def connect(self) -> None:
+        if self._connected.is_set():
+            return
+        target = f"{self._host}:{self._port}"
+        self.channel = rpc.secure_channel(
+            target, self._credentials, options=list(self._options.items())
+        )
+        self.kvstub = rpc.KVStub(self.channel)
+        self.clusterstub = rpc.ClusterStub(self.channel)
+        self.leasestub = rpc.LeaseStub(self.channel)
+        self.maintenancestub = rpc.MaintenanceStub(self.channel)
+        self._watcher = aetcd_watcher.Watcher(
+            rpc.WatchStub(self.channel), timeout=self._timeout, metadata=self.metadata
+        )
+        self._connected.set()
+
+
 class Compacted(CorralError):
     """The revision asked for has been compacted away; re-list and watch again."""
 
@@ -155,13 +204,19 @@ def _decode_cursor(cursor: str) -> tuple[int, str]:
 
 
 class Store:
-    """An etcd client over one or more endpoints (``http://host:port``), failing over in turn."""
+    """An etcd client over one or more endpoints (``http://host:port``), failing over in turn.
 
-    def __init__(self, endpoints: Sequence[str], *, timeout_s: int = 5) -> None:
+    With ``tls`` every connection is TLS with that client certificate (endpoints ``https://``).
+    """
+
+    def __init__(
+        self, endpoints: Sequence[str], *, timeout_s: int = 5, tls: EtcdTls | None = None
+    ) -> None:
         if not endpoints:
             raise ValueError("the store needs at least one etcd endpoint")
         self._endpoints = list(endpoints)
         self._timeout_s = timeout_s
+        self._tls = tls
         self._index = 0
         self._client: aetcd.Client | None = None
         self._lock = asyncio.Lock()
@@ -170,11 +225,15 @@ class Store:
     def endpoint(self) -> str:
         return self._endpoints[self._index]
 
-    def _make_client(self) -> aetcd.Client:
-        parts = urlsplit(self.endpoint if "//" in self.endpoint else "http://" + self.endpoint)
-        return aetcd.Client(
-            host=parts.hostname or "127.0.0.1", port=parts.port or 2379, timeout=self._timeout_s
-        )
+    def _make_client(self, endpoint: str | None = None) -> aetcd.Client:
+        endpoint = endpoint or self.endpoint
+        parts = urlsplit(endpoint if "//" in endpoint else "http://" + endpoint)
+        host, port = parts.hostname or "127.0.0.1", parts.port or 2379
+        if self._tls is not None:
+            return _TlsClient(
+                host=host, port=port, timeout=self._timeout_s, credentials=self._tls.credentials()
+            )
+        return aetcd.Client(host=host, port=port, timeout=self._timeout_s)
 
     async def _connected(self) -> aetcd.Client:
         async with self._lock:
@@ -186,6 +245,23 @@ class Store:
                     raise Unavailable(f"etcd at {self.endpoint} unreachable: {exc}") from exc
                 self._client = client
             return self._client
+
+    async def prefer(self, endpoint: str) -> None:
+        """Put ``endpoint`` first and use it from the next call on (a server's own member, once
+        it can answer: reads and writes then need no other host)."""
+        async with self._lock:
+            if self._endpoints[self._index] == endpoint:
+                return
+            if endpoint in self._endpoints:
+                self._endpoints.remove(endpoint)
+            self._endpoints.insert(0, endpoint)
+            client, self._client = self._client, None
+            self._index = 0
+        if client is not None:
+            try:
+                await client.close()
+            except Exception:  # closing a broken channel may raise anything
+                log.debug("closing etcd client failed", exc_info=True)
 
     async def _failover(self, failed: aetcd.Client | None = None) -> None:
         async with self._lock:
@@ -487,17 +563,45 @@ class Store:
 
     async def status(self) -> StoreStatus:
         async def run(c: aetcd.Client) -> StoreStatus:
-            resp = await c.maintenancestub.Status(
-                rpc.StatusRequest(), timeout=self._timeout_s, metadata=c.metadata
-            )
-            return StoreStatus(
-                version=resp.version,
-                leader_id=resp.leader,
-                member_id=resp.header.member_id,
-                raft_term=resp.raftTerm,
-                raft_index=resp.raftIndex,
-                db_size=resp.dbSize,
-                revision=int(resp.header.revision),
-            )
+            return await _status(c, self._timeout_s)
 
         return await self._call(run)
+
+    async def member_status(self, client_url: str, *, timeout_s: float = 2.0) -> StoreStatus:
+        """The status of the one member at ``client_url`` (its own raft index, its idea of the
+        leader), over a connection of its own with this store's TLS. Unavailable when it does
+        not answer within ``timeout_s``."""
+        client = self._make_client(client_url)
+        try:
+            await client.connect()
+            return await asyncio.wait_for(_status(client, timeout_s), timeout_s)
+        except (aetcd.ClientError, rpc.AioRpcError, OSError, TimeoutError) as exc:
+            detail = exc.details() if isinstance(exc, rpc.AioRpcError) else str(exc)
+            raise Unavailable(f"etcd member at {client_url} did not answer: {detail}") from exc
+        finally:
+            try:
+                await client.close()
+            except Exception:  # a broken channel may fail to close; it is dropped anyway
+                log.debug("closing a member status client failed", exc_info=True)
+
+    async def member_healthy(self, client_url: str, *, timeout_s: float = 1.0) -> bool:
+        """Whether the member at ``client_url`` answers and knows a leader."""
+        try:
+            return (await self.member_status(client_url, timeout_s=timeout_s)).leader_id != 0
+        except Unavailable:
+            return False
+
+
+async def _status(c: aetcd.Client, timeout_s: float) -> StoreStatus:
+    resp = await c.maintenancestub.Status(
+        rpc.StatusRequest(), timeout=timeout_s, metadata=c.metadata
+    )
+    return StoreStatus(
+        version=resp.version,
+        leader_id=resp.leader,
+        member_id=resp.header.member_id,
+        raft_term=resp.raftTerm,
+        raft_index=resp.raftIndex,
+        db_size=resp.dbSize,
+        revision=int(resp.header.revision),
+    )

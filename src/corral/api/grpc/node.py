@@ -36,6 +36,7 @@ __all__ = [
     "FIELD_ERRORS_KEY",
     "SERVER_OPTIONS",
     "NodeServicer",
+    "server_credentials",
     "start_grpc_server",
     "status_of",
 ]
@@ -129,15 +130,28 @@ class NodeServicer(node_pb2_grpc.NodeServiceServicer):
     another cluster is refused with FAILED_PRECONDITION; a request naming none is served.
     """
 
-    def __init__(self, node_service: NodeService, *, cluster_id: str = "") -> None:
+    def __init__(
+        self, node_service: NodeService, *, cluster_id: str = "", check_peer: bool = False
+    ) -> None:
         self._ns = node_service
         self._cluster_id = cluster_id
+        self._check_peer = check_peer
 
-    def _check_cluster(self, requested: str) -> None:
+    def _check(self, request: Any, context: Context) -> None:
+        requested = request.cluster_id
         if self._cluster_id and requested and requested != self._cluster_id:
             raise PreconditionFailed(
                 f"this server belongs to cluster {self._cluster_id}, not {requested}"
             )
+        if self._check_peer:
+            # Over TLS a host speaks only for itself: its certificate names it.
+            names = list(context.auth_context().get("x509_common_name") or [])
+            peer = names[0].decode() if names else ""
+            if request.node and peer != request.node:
+                raise PreconditionFailed(
+                    f"this connection's certificate is {peer or 'unnamed'}'s; it cannot act "
+                    f"for node {request.node!r}"
+                )
 
     async def _serve(self, context: Context, method: str, call: Callable[[], Awaitable[R]]) -> R:
         try:
@@ -157,7 +171,7 @@ class NodeServicer(node_pb2_grpc.NodeServiceServicer):
         self, request: node_pb2.RegisterRequest, context: Context
     ) -> node_pb2.RegisterResponse:
         async def call() -> node_pb2.RegisterResponse:
-            self._check_cluster(request.cluster_id)
+            self._check(request, context)
             await self._ns.register(
                 _required(request.node, "node"),
                 address=request.address,
@@ -174,7 +188,7 @@ class NodeServicer(node_pb2_grpc.NodeServiceServicer):
         self, request: node_pb2.OpenLivenessRequest, context: Context
     ) -> node_pb2.OpenLivenessResponse:
         async def call() -> node_pb2.OpenLivenessResponse:
-            self._check_cluster(request.cluster_id)
+            self._check(request, context)
             if request.ttl_s < 1:
                 raise ValidationFailed.one("ttl_s", "minimum", "must be >= 1")
             lease = await self._ns.open_liveness(_required(request.node, "node"), request.ttl_s)
@@ -186,7 +200,7 @@ class NodeServicer(node_pb2_grpc.NodeServiceServicer):
         self, request: node_pb2.KeepaliveRequest, context: Context
     ) -> node_pb2.KeepaliveResponse:
         async def call() -> node_pb2.KeepaliveResponse:
-            self._check_cluster(request.cluster_id)
+            self._check(request, context)
             ttl = await self._ns.keepalive(request.node, request.lease_id)
             return node_pb2.KeepaliveResponse(ttl_s=ttl)
 
@@ -196,7 +210,7 @@ class NodeServicer(node_pb2_grpc.NodeServiceServicer):
         self, request: node_pb2.CloseLivenessRequest, context: Context
     ) -> node_pb2.CloseLivenessResponse:
         async def call() -> node_pb2.CloseLivenessResponse:
-            self._check_cluster(request.cluster_id)
+            self._check(request, context)
             await self._ns.close_liveness(_required(request.node, "node"), request.lease_id)
             return node_pb2.CloseLivenessResponse()
 
@@ -210,7 +224,7 @@ class NodeServicer(node_pb2_grpc.NodeServiceServicer):
         Ends only when the client goes away, the server stops, or the wrapped stream raises
         (then with that error's status)."""
         try:
-            self._check_cluster(request.cluster_id)
+            self._check(request, context)
             stream = self._ns.assignments(_required(request.node, "node"))
         except Exception as exc:
             await self._abort(context, "WatchAssignments", exc)
@@ -236,7 +250,7 @@ class NodeServicer(node_pb2_grpc.NodeServiceServicer):
         self, request: node_pb2.ReportRequest, context: Context
     ) -> node_pb2.ReportResponse:
         async def call() -> node_pb2.ReportResponse:
-            self._check_cluster(request.cluster_id)
+            self._check(request, context)
             node = _required(request.node, "node")
             observations = [
                 _decode(VmObservation, raw, f"observation_json.{i}")
@@ -251,7 +265,7 @@ class NodeServicer(node_pb2_grpc.NodeServiceServicer):
         self, request: node_pb2.ReportGoneRequest, context: Context
     ) -> node_pb2.ReportGoneResponse:
         async def call() -> node_pb2.ReportGoneResponse:
-            self._check_cluster(request.cluster_id)
+            self._check(request, context)
             await self._ns.report_gone(
                 _required(request.node, "node"),
                 _required(request.vm, "vm"),
@@ -263,14 +277,26 @@ class NodeServicer(node_pb2_grpc.NodeServiceServicer):
         return await self._serve(context, "ReportGone", call)
 
 
+def server_credentials(ca_pem: bytes, cert_pem: bytes, key_pem: bytes) -> grpc.ServerCredentials:
+    """TLS with this host's certificate that requires a client certificate of the cluster CA."""
+    return grpc.ssl_server_credentials(
+        [(key_pem, cert_pem)], root_certificates=ca_pem, require_client_auth=True
+    )
+
+
 async def start_grpc_server(
-    bind: str, port: int, node_service: NodeService, *, cluster_id: str = ""
+    bind: str,
+    port: int,
+    node_service: NodeService,
+    *,
+    cluster_id: str = "",
+    credentials: grpc.ServerCredentials | None = None,
 ) -> grpc.aio.Server:
     """Serve the NodeService on ``bind:port`` and return the started server.
 
-    The port is INSECURE: plaintext and unauthenticated, so any host that can reach it can
-    register nodes and report observations. TLS with the cluster CA and node certificates
-    arrives with join tokens; until then bind it to an address only the cluster's hosts reach.
+    With ``credentials`` (``server_credentials``) the port is TLS with client certificate
+    authentication, and a caller may only act for the node its certificate names. Without,
+    the port is INSECURE: plaintext and unauthenticated (tests of the wire protocol only).
 
     Stop it with ``await server.stop(grace_s)``: streams still open after the grace are
     cancelled, and their agents re-open them on another server. Raises OSError when the
@@ -278,15 +304,23 @@ async def start_grpc_server(
     """
     server = grpc.aio.server(options=SERVER_OPTIONS)
     node_pb2_grpc.add_NodeServiceServicer_to_server(
-        NodeServicer(node_service, cluster_id=cluster_id), server
+        NodeServicer(node_service, cluster_id=cluster_id, check_peer=credentials is not None),
+        server,
     )
     address = f"[{bind}]:{port}" if ":" in bind else f"{bind}:{port}"
     try:
-        bound = server.add_insecure_port(address)
+        if credentials is not None:
+            bound = server.add_secure_port(address, credentials)
+        else:
+            bound = server.add_insecure_port(address)
     except RuntimeError as exc:
         raise OSError(f"cannot serve gRPC on {address}: {exc}") from exc
     if bound == 0:
         raise OSError(f"cannot serve gRPC on {address}")
     await server.start()
-    log.info("serving the gRPC NodeService on %s (insecure)", address)
+    log.info(
+        "serving the gRPC NodeService on %s (%s)",
+        address,
+        "TLS, client certificates required" if credentials is not None else "insecure",
+    )
     return server
