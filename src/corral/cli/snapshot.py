@@ -189,9 +189,16 @@ def vm_clone(
         bool,
         typer.Option(
             "--linked/--full",
-            help="--full (default) copies every disk; linked clones come from templates.",
+            help="--full (default): copy every disk. --linked: the source's disks become "
+            "read-only bases that it and the clone share (each writes to its own overlay).",
         ),
     ] = False,
+    to: Annotated[
+        str | None,
+        typer.Option(
+            "--to", metavar="NODE", help="Copy the disks to this host (full clones); run there."
+        ),
+    ] = None,
     start: Annotated[bool, typer.Option("--start", help="Start the clone.")] = False,
     labels: LabelsOpt = None,
     wait: WaitOpt = True,
@@ -201,6 +208,8 @@ def vm_clone(
     """Clone a VM (a running one keeps running): new disks, new MAC addresses."""
     state = get_state(ctx)
     body: dict[str, Any] = {"name": name, "linked": linked, "start": start}
+    if to is not None:
+        body["to"] = to
     if labels:
         body["labels"] = parse_labels(labels)
     result = state.client().clone_vm(source, body)
