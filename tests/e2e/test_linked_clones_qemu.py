@@ -50,6 +50,15 @@ def backing(path: str) -> str | None:
     return info.get("backing-filename")  # type: ignore[no-any-return]
 
 
+def exists(path: str) -> bool:
+    return Path(path).exists()
+
+
+def tasks(agent: AgentProcess) -> list[dict]:  # type: ignore[type-arg]
+    with httpx.Client(base_url=agent.url, timeout=30) as c:
+        return c.get("/api/v1/tasks", params={"limit": 100}).json()["items"]  # type: ignore[no-any-return]
+
+
 def _cleanup(agents: list[AgentProcess], data: Path) -> None:
     for agent in agents:
         agent.stop(timeout_s=60)
@@ -132,17 +141,17 @@ async def test_linked_clone_of_a_running_vm_shares_a_frozen_base(
     # The source goes with its disks: the base stays for the clone, which runs on.
     cli(n1, "vm", "delete", "lk-1", "--with-disks", "--yes", "--timeout", "90")
     wait_for(lambda: "lk-1-disk0" not in volumes(n1), 60, "the source's volume to go")
-    assert not Path(src_file).exists()
-    assert Path(first_file).exists() and base["name"] in volumes(n1)
+    assert not exists(src_file)
+    assert exists(first_file) and base["name"] in volumes(n1)
     mark = clone.mark()
     await clone.wait_for(lambda lines: len(clone.heartbeats(mark)) >= 2, timeout_s=60)
     assert await clone.command("read-pattern /dev/vda 0x66 1") == "pattern ok"
 
     # The last linked clone goes: so does the base, file and record.
     cli(n1, "vm", "delete", "lk-2", "--with-disks", "--yes", "--timeout", "90")
-    wait_for(lambda: not Path(first_file).exists(), 60, "the base's file to be removed")
+    wait_for(lambda: not exists(first_file), 60, "the base's file to be removed")
     wait_for(lambda: base["name"] not in volumes(n1), 30, "the base's record to go")
-    assert not Path(clone_file).exists()
+    assert not exists(clone_file)
 
 
 async def test_full_clone_to_another_host_boots_there_with_the_data(
@@ -174,7 +183,5 @@ async def test_full_clone_to_another_host_boots_there_with_the_data(
     assert not list((n1.data_dir / "run").glob("nbd-*.pid"))
     tags = run("qemu-img", "snapshot", "-l", "-U", volume(n1, "far-1-disk0")["status"]["path"])
     assert "corral-copy" not in tags
-    with httpx.Client(base_url=n1.url, timeout=30) as c:
-        task = c.get("/api/v1/tasks", params={"limit": 100}).json()["items"]
-    clone_task = next(t for t in task if t["spec"]["action"] == "clone")
+    clone_task = next(t for t in tasks(n1) if t["spec"]["action"] == "clone")
     assert clone_task["status"]["result"]["to"] == "n2"

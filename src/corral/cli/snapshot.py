@@ -85,7 +85,9 @@ def snapshot_create(
 
 @snapshot_app.command("ls")
 def snapshot_ls(ctx: typer.Context, vm: VmArg, output: OutputOpt = None) -> None:
-    """List a VM's snapshots as a tree: NAME, STATE, MEMORY, VM STATE, SIZE, AGE (* current)."""
+    """List a VM's snapshots as a tree (* current): NAME, STATE, MEMORY, VM STATE, RAM SIZE
+    (the saved VM state, as QEMU reports it), DISK (the disk files' allocation just after the
+    snapshot, and its growth since the parent's), PARENT, AGE."""
     state = get_state(ctx)
     page = state.client().list_snapshots(vm)
     if state.wants_json(output):
@@ -100,8 +102,18 @@ def snapshot_ls(ctx: typer.Context, vm: VmArg, output: OutputOpt = None) -> None
     for snap in items:
         parent = dig(snap, "status", "parent")
         children.setdefault(parent if parent in names else None, []).append(snap)
-    table = new_table("NAME", "STATE", "MEMORY", "VM STATE", "SIZE", "PARENT", "AGE")
+    table = new_table("NAME", "STATE", "MEMORY", "VM STATE", "RAM SIZE", "DISK", "PARENT", "AGE")
     now = state.now()
+    by_name = {str(dig(s, "spec", "snapshot")): s for s in items}
+
+    def disk(snap: ApiObject) -> str:
+        size = int(dig(snap, "status", "disk_bytes") or 0)
+        if not size:
+            return "-"
+        parent = by_name.get(str(dig(snap, "status", "parent")))
+        before = int(dig(parent, "status", "disk_bytes") or 0) if parent else 0
+        grown = f" (+{_mib(size - before)})" if before and size > before else ""
+        return _mib(size) + grown
 
     def walk(parent: str | None, depth: int) -> None:
         for snap in children.get(parent, []):
@@ -113,6 +125,7 @@ def snapshot_ls(ctx: typer.Context, vm: VmArg, output: OutputOpt = None) -> None
                 cell("yes" if dig(snap, "status", "with_memory") else "no"),
                 cell(dig(snap, "status", "vm_state") or "-"),
                 cell(_mib(dig(snap, "status", "vm_state_bytes"))),
+                cell(disk(snap)),
                 cell(dig(snap, "status", "parent") or "-"),
                 cell(fmt_age(snap.get("created_at"), now)),
             )

@@ -63,6 +63,8 @@ class SnapshotResult:
     with_memory: bool
     vm_state_bytes: int
     disks: dict[str, str]
+    # What QEMU reports as allocated in the disk files (``actual-size``) just afterwards.
+    disk_bytes: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -70,6 +72,7 @@ class SnapshotResult:
             "with_memory": self.with_memory,
             "vm_state_bytes": self.vm_state_bytes,
             "disks": dict(self.disks),
+            "disk_bytes": self.disk_bytes,
         }
 
 
@@ -97,6 +100,12 @@ async def qemu_img(*args: str, binary: str = "qemu-img") -> str:
         text = err.decode(errors="replace").strip() or out.decode(errors="replace").strip()
         raise DriverError(f"qemu-img {' '.join(args[:2])} failed: {text}")
     return out.decode(errors="replace")
+
+
+async def _allocated(path: str) -> int:
+    """What QEMU reports as allocated for a qcow2 file (``actual-size``; read with ``-U``)."""
+    doc = json.loads(await qemu_img("info", "--output=json", "-U", "-f", "qcow2", path))
+    return int(doc.get("actual-size") or 0)
 
 
 async def _tags(path: str) -> dict[str, int]:
@@ -192,8 +201,13 @@ async def create(driver: QemuDriver, name: str, tag: str, memory: bool | None) -
             for d in disks:
                 await _snapshot_file("-c", tag, d.path)
         size = (await _tags(disks[0].path)).get(tag, 0)
+        allocated = sum([await _allocated(d.path) for d in disks])
         return SnapshotResult(
-            runtime.state, with_memory, size, {d.id or str(i): d.path for i, d in enumerate(disks)}
+            runtime.state,
+            with_memory,
+            size,
+            {d.id or str(i): d.path for i, d in enumerate(disks)},
+            allocated,
         )
 
 
