@@ -185,3 +185,22 @@ async def test_full_clone_to_another_host_boots_there_with_the_data(
     assert "corral-copy" not in tags
     clone_task = next(t for t in tasks(n1) if t["spec"]["action"] == "clone")
     assert clone_task["status"]["result"]["to"] == "n2"
+
+    # A stopped VM is frozen with qemu-img alone; a template of it (an overlay on that base)
+    # is copied to the other host as one flattened file.
+    cli(n1, "vm", "stop", "far-1", "--timeout", "90")
+    out = cli(n1, "vm", "clone", "far-1", "far-4", "--linked")
+    assert "vm far-4 stopped on n1" in out, out
+    frozen = volume(n1, "far-1-disk0")
+    assert frozen["spec"]["backing_volume"] == volume(n1, "far-4-disk0")["spec"]["backing_volume"]
+    cli(n1, "template", "create", "tpl", "--from", "far-1")
+    refused = cli_fails(n1, "vm", "create", "far-5", "--template", "tpl", "--to", "n2")
+    assert "--full --to n2" in refused.stderr, refused.stderr
+    out = cli(
+        n1, "vm", "create", "far-5", "--template", "tpl", "--full", "--to", "n2", "--timeout", "180"
+    )
+    assert "vm far-5 running on n2" in out, out
+    assert backing(volume(n1, "far-5-disk0")["status"]["path"]) is None
+    far5 = console(n2, "far-5")
+    await far5.wait_booted(timeout_s=120)
+    assert await far5.command("read-pattern /dev/vda 0x3c 1") == "pattern ok"
