@@ -7,12 +7,15 @@ another VM's or a template's volumes.
   made read-only on their host.
 - ``TemplateService.instantiate``: linked clones of the template's volumes (qcow2 overlays whose
   backing file is the template's file; same pool, so the same host or a shared pool), or full
-  copies; then a VM with the template's hardware and new MAC addresses, created like any VM.
+  copies (``to``: on another host); then a VM with the template's hardware and new MAC
+  addresses, created like any VM.
 - ``TemplateService.delete``: refused while linked clones depend on its volumes (the error lists
   them) unless ``full_clones_first``, which flattens each (stopped) dependant into a standalone
   file first.
-- ``TemplateService.clone``: a full copy of a VM's disks under a new VM; a running VM keeps
-  running (each disk is read from a temporary internal snapshot on its host).
+- ``TemplateService.clone``: a new VM from a VM's disks; a running VM keeps running. Full
+  copies (read from a temporary internal snapshot of a running VM; ``to``: on another host), or
+  ``linked``: the VM's disks become read-only bases it shares with the clone (refused while the
+  VM has snapshots, which the bases would hold). How the files are made: ``service/clones.py``.
 
 Disk files are made on their host (``call_host_vms``) before the VM is recorded, so the new VM's
 host never mistakes a missing clone for a volume still to create.
