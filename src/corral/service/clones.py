@@ -208,6 +208,11 @@ class DiskCloner:
             now = utcnow()
             for (src0, clone, base, top), made in zip(plan, done, strict=True):
                 src = await self.ctx.objects.get(Volume, src0.name)
+                if src.file_name != src0.file_name:
+                    raise Conflict(
+                        f"volume {src.name} moved to another file while it was being frozen "
+                        "(another linked clone at the same time?); try again"
+                    )
                 ops.append(
                     Objects.put(
                         Volume(

@@ -30,7 +30,7 @@ from corral.control.hostcall import call_host_vms
 from corral.control.vms import assigned_disk
 from corral.errors import Conflict, CorralError, ValidationFailed
 from corral.model import Node, Pool, Vm, Volume, new_id, utcnow
-from corral.model.storage import VolumeSpec, VolumeStatus
+from corral.model.storage import BASE_HOLDER, VolumeSpec, VolumeStatus
 from corral.model.template import (
     TEMPLATE_HOLDER,
     CloneRequest,
@@ -165,6 +165,13 @@ class TemplateService:
             raise Conflict(
                 f"template {name!r} has linked clones: {', '.join(vms)}; delete them, or pass "
                 "--full-clones-first to copy its data into each of them first"
+            )
+        bases = [v.name for v in users if v.status.attached_to == BASE_HOLDER]
+        if bases and full_clones_first:
+            raise Conflict(
+                f"template {name!r} is read through the read-only bases {', '.join(bases)} (of "
+                "linked clones of its instances), which cannot be rewritten; delete those "
+                "clones first"
             )
         for volume in users:
             await self._flatten(volume)
