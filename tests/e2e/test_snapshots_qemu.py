@@ -109,6 +109,7 @@ async def test_snapshot_with_memory_then_rollback_restores_disk_and_guest_counte
     await guest.wait_heartbeat(at_snapshot + 4)
     listing = cli(qemu_agent, "vm", "snapshot", "ls", "sn-1")
     assert "before *" in listing and "running" in listing, listing
+    assert "RAM SIZE" in listing and "DISK" in listing, listing
 
     mark = guest.mark()
     out = cli(qemu_agent, "vm", "snapshot", "rollback", "sn-1", "before")
@@ -133,6 +134,10 @@ async def test_snapshot_with_memory_then_rollback_restores_disk_and_guest_counte
         ("before", None),
         ("after", "before"),
     ]
+    # Sizes as QEMU reports them: the saved RAM of "before"; the disk files' allocation.
+    assert snaps[0]["status"]["vm_state_bytes"] > 1024 * 1024
+    assert snaps[1]["status"]["vm_state_bytes"] == 0
+    assert snaps[0]["status"]["disk_bytes"] > 0 and snaps[1]["status"]["disk_bytes"] > 0
     refused = cli_fails(qemu_agent, "vm", "snapshot", "rollback", "sn-1", "after")
     assert refused.returncode == 4 and "stop it first" in refused.stderr
     cli(qemu_agent, "vm", "snapshot", "delete", "sn-1", "before")
@@ -168,8 +173,8 @@ async def test_clones_and_template_instances_boot_with_new_macs_and_never_touch_
     assert await clone.command("write-pattern /dev/vda 0x66 1") == "pattern written"
     assert qemu_io_read(volume_path(qemu_agent, "src-1-disk0"), "0x5a")
     assert qemu_io_read(volume_path(qemu_agent, "cl-1-disk0"), "0x66")
-    refused = cli_fails(qemu_agent, "vm", "clone", "src-1", "cl-2", "--linked")
-    assert "template" in refused.stderr
+    refused = cli_fails(qemu_agent, "vm", "clone", "src-1", "cl-2", "--to", "n9")
+    assert "no host 'n9'" in refused.stderr, refused.stderr
 
     # The stopped source becomes a read-only template.
     cli(qemu_agent, "vm", "stop", "src-1", "--timeout", "90")

@@ -57,8 +57,13 @@ def test_refusals_name_the_field_or_the_state_and_the_way_out(agent: AgentProces
         assert task["status"]["state"] == "failed" and "need qemu" in task["status"]["error"]
         assert c.get("/api/v1/vms/w1/snapshots").json()["items"] == []
 
-        linked = _problem(c.post("/api/v1/vms/w1/clone", json={"name": "w2", "linked": True}), 422)
-        assert "template create" in linked["detail"]
+        nowhere = _problem(c.post("/api/v1/vms/w1/clone", json={"name": "w2", "to": "n9"}), 422)
+        assert nowhere["errors"][0]["field"] == "to"
+        assert "corral node ls" in nowhere["errors"][0]["message"]
+        linked = _problem(c.post("/api/v1/vms/w1/clone", json={"name": "w2", "linked": True}), 409)
+        assert "need qemu" in linked["detail"]
+        assert c.get("/api/v1/volumes/w2-disk0").status_code == 404, "nothing half-made"
+        assert c.get("/api/v1/vms/w1").json()["spec"]["disks"] == [{"volume": "w1-data"}]
         running = _problem(c.post("/api/v1/templates", json={"name": "t1", "vm": "w1"}), 409)
         assert "corral vm stop w1" in running["detail"]
         assert _problem(c.delete("/api/v1/templates/none"), 404)

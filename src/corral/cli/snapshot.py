@@ -85,7 +85,9 @@ def snapshot_create(
 
 @snapshot_app.command("ls")
 def snapshot_ls(ctx: typer.Context, vm: VmArg, output: OutputOpt = None) -> None:
-    """List a VM's snapshots as a tree: NAME, STATE, MEMORY, VM STATE, SIZE, AGE (* current)."""
+    """List a VM's snapshots as a tree (* current): NAME, STATE, MEMORY, VM STATE, RAM SIZE
+    (the saved VM state, as QEMU reports it), DISK (the disk files' allocation just after the
+    snapshot, and its growth since the parent's), PARENT, AGE."""
     state = get_state(ctx)
     page = state.client().list_snapshots(vm)
     if state.wants_json(output):
@@ -100,8 +102,18 @@ def snapshot_ls(ctx: typer.Context, vm: VmArg, output: OutputOpt = None) -> None
     for snap in items:
         parent = dig(snap, "status", "parent")
         children.setdefault(parent if parent in names else None, []).append(snap)
-    table = new_table("NAME", "STATE", "MEMORY", "VM STATE", "SIZE", "PARENT", "AGE")
+    table = new_table("NAME", "STATE", "MEMORY", "VM STATE", "RAM SIZE", "DISK", "PARENT", "AGE")
     now = state.now()
+    by_name = {str(dig(s, "spec", "snapshot")): s for s in items}
+
+    def disk(snap: ApiObject) -> str:
+        size = int(dig(snap, "status", "disk_bytes") or 0)
+        if not size:
+            return "-"
+        parent = by_name.get(str(dig(snap, "status", "parent")))
+        before = int(dig(parent, "status", "disk_bytes") or 0) if parent else 0
+        grown = f" (+{_mib(size - before)})" if before and size > before else ""
+        return _mib(size) + grown
 
     def walk(parent: str | None, depth: int) -> None:
         for snap in children.get(parent, []):
@@ -113,6 +125,7 @@ def snapshot_ls(ctx: typer.Context, vm: VmArg, output: OutputOpt = None) -> None
                 cell("yes" if dig(snap, "status", "with_memory") else "no"),
                 cell(dig(snap, "status", "vm_state") or "-"),
                 cell(_mib(dig(snap, "status", "vm_state_bytes"))),
+                cell(disk(snap)),
                 cell(dig(snap, "status", "parent") or "-"),
                 cell(fmt_age(snap.get("created_at"), now)),
             )
@@ -189,9 +202,16 @@ def vm_clone(
         bool,
         typer.Option(
             "--linked/--full",
-            help="--full (default) copies every disk; linked clones come from templates.",
+            help="--full (default): copy every disk. --linked: the source's disks become "
+            "read-only bases that it and the clone share (each writes to its own overlay).",
         ),
     ] = False,
+    to: Annotated[
+        str | None,
+        typer.Option(
+            "--to", metavar="NODE", help="Copy the disks to this host (full clones); run there."
+        ),
+    ] = None,
     start: Annotated[bool, typer.Option("--start", help="Start the clone.")] = False,
     labels: LabelsOpt = None,
     wait: WaitOpt = True,
@@ -201,6 +221,8 @@ def vm_clone(
     """Clone a VM (a running one keeps running): new disks, new MAC addresses."""
     state = get_state(ctx)
     body: dict[str, Any] = {"name": name, "linked": linked, "start": start}
+    if to is not None:
+        body["to"] = to
     if labels:
         body["labels"] = parse_labels(labels)
     result = state.client().clone_vm(source, body)

@@ -118,10 +118,13 @@ def instantiate(
     wait: bool,
     timeout: float | None,
     output: Any,
+    to: str | None = None,
 ) -> None:
     """`corral vm create NAME --template T`: a VM from a template."""
     state = get_state(ctx)
     body: dict[str, Any] = {"name": name, "start": start, "full": full}
+    if to is not None:
+        body["to"] = to
     if labels:
         body["labels"] = parse_labels(labels)
     result = state.client().instantiate_template(template, body)

@@ -384,12 +384,22 @@ def vm_create(
         bool,
         typer.Option("--dry-run", help="Show the host it would go to and why; create nothing."),
     ] = False,
+    to: Annotated[
+        str | None,
+        typer.Option(
+            "--to", metavar="NODE", help="With --template --full: copy its disks to this host."
+        ),
+    ] = None,
     wait: WaitOpt = True,
     timeout: TimeoutOpt = None,
     output: OutputOpt = None,
 ) -> None:
     """Create a VM (and start it, unless --no-start); waits for the task by default."""
     state = get_state(ctx)
+    if to is not None and template is None:
+        raise typer.BadParameter(
+            "only with --template (to copy its disks there)", param_hint="--to"
+        )
     if template is not None:
         from corral.cli.template import instantiate
 
@@ -403,6 +413,7 @@ def vm_create(
             wait=wait,
             timeout=timeout,
             output=output,
+            to=to,
         )
         return
     spec: dict[str, Any] = {"name": name, "power_state": "running" if start else "stopped"}

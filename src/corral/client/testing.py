@@ -108,6 +108,8 @@ class FakeCorralApi:
         self.nodes: dict[str, ApiObject] = {}
         self.vms: dict[str, ApiObject] = {}
         self.tasks: dict[str, ApiObject] = {}
+        self.snapshots: dict[str, list[ApiObject]] = {}
+        """Snapshots by VM name, oldest first (``add_snapshot``; listed, not taken)."""
         self.requests: list[httpx.Request] = []
         self.max_page_size = max_page_size
         self.revision = 1
@@ -193,6 +195,35 @@ class FakeCorralApi:
         }
         self.vms[name] = vm
         return vm
+
+    def add_snapshot(
+        self,
+        vm: str,
+        name: str,
+        *,
+        parent: str | None = None,
+        current: bool = False,
+        with_memory: bool = False,
+        vm_state: str = "running",
+        vm_state_bytes: int = 0,
+        disk_bytes: int = 0,
+    ) -> ApiObject:
+        """Store a ready snapshot of ``vm`` (served by ``GET /vms/{vm}/snapshots``)."""
+        snap = self._new_object("snapshot", f"{vm}.{name}", {"vm": vm, "snapshot": name})
+        snap["status"] = {
+            "state": "ready",
+            "vm_id": self.vms[vm]["id"],
+            "parent": parent,
+            "current": current,
+            "with_memory": with_memory,
+            "vm_state": vm_state,
+            "vm_state_bytes": vm_state_bytes,
+            "disk_bytes": disk_bytes,
+            "disks": [],
+            "message": "",
+        }
+        self.snapshots.setdefault(vm, []).append(snap)
+        return snap
 
     def fail_next_task(self, error: str) -> None:
         """The next task created will end `failed` with `error` instead of succeeding."""
@@ -363,6 +394,10 @@ class FakeCorralApi:
         vm = self._get(self.vms, "vm", rest[0])
         if len(rest) == 1 and method == "GET":
             return self._one(vm)
+        if rest[1:] == ["snapshots"] and method == "GET":
+            # One page, as the server answers (a VM has few snapshots).
+            items = list(self.snapshots.get(rest[0], []))
+            return self._json(200, {"items": items, "next_cursor": None, "revision": self.revision})
         self._check_if_match(request, vm)
         if len(rest) == 1 and method == "PATCH":
             return self._one(self._patch_vm(vm, self._body(request)))

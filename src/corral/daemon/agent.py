@@ -22,6 +22,7 @@ import uvicorn
 from pydantic import ValidationError
 
 from corral.agent.console import LocalConsoles
+from corral.agent.disk_export import DiskExports
 from corral.agent.drivers import Driver, QemuDriver
 from corral.agent.drivers.qemu.migration import QemuMigrator
 from corral.agent.inventory import collect_inventory
@@ -137,6 +138,7 @@ class Agent:
         self.driver: Driver | None = None
         self.storage: HostStorage | None = None
         self.consoles: LocalConsoles | None = None
+        self.exports: DiskExports | None = None
         self._stop = asyncio.Event()
         self._background: set[asyncio.Task[None]] = set()
         self._etcd_learner = False
@@ -410,7 +412,10 @@ class Agent:
 
         if self.storage is None or self.driver is None:
             raise Unavailable("this host's hypervisor is not ready yet")
-        return await run_vm_op(self.driver, self.storage, op)
+        if self.exports is None:
+            # Disks go to other hosts over this host's own address only.
+            self.exports = DiskExports(self.s.bind, self.data_dir / "run")
+        return await run_vm_op(self.driver, self.storage, op, exports=self.exports)
 
     async def local_console(self, name: str, max_bytes: int) -> bytes | None:
         """The tail of a VM's console log on this host; None when it has none here."""
@@ -664,6 +669,9 @@ class Agent:
         if self.consoles is not None:
             with contextlib.suppress(Exception):
                 await self.consoles.close()
+        if self.exports is not None:
+            with contextlib.suppress(Exception):
+                await self.exports.close(self.driver)
         server.should_exit = True
         for t in tasks:
             if t.get_name() != "api":

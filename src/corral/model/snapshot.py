@@ -59,6 +59,10 @@ class SnapshotStatus(BaseModel):
     # What the VM was when the snapshot was taken (running, paused, stopped).
     vm_state: str = ""
     vm_state_bytes: int = 0
+    # What QEMU reported as allocated in the VM's disk files just after the snapshot: internal
+    # snapshots share clusters, so the growth from the parent's value is what was written in
+    # between (QEMU reports no per-snapshot disk size).
+    disk_bytes: int = 0
     # The volumes the snapshot covers.
     disks: list[str] = Field(default_factory=list)
     message: str = ""

@@ -27,6 +27,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validat
 from corral.model.common import Labels, Name, ObjectMeta, Strict
 
 __all__ = [
+    "BASE_HOLDER",
     "IMAGE_FILES",
     "MAX_VOLUME_GIB",
     "DiskFormat",
@@ -55,6 +56,10 @@ IMAGE_FILES: tuple[str, ...] = ("disk", "kernel", "initrd")
 MAX_VOLUME_GIB = 64 * 1024
 """qcow2's own limit is far above; no host here has more than this anyway."""
 DEFAULT_POOL = "local"
+BASE_HOLDER = "linked-clones"
+"""``Volume.status.attached_to`` of a frozen base: a VM's old disk file that linked clones (and
+the VM itself, now on an overlay) read through. It is read-only and goes by itself once no
+volume names it as ``backing_volume`` any more."""
 
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
@@ -133,7 +138,8 @@ class VolumeSpec(Strict):
     )
     labels: Labels = Field(default_factory=dict)
     backing_volume: Name | None = Field(
-        default=None, description="a linked clone of this (read-only template) volume"
+        default=None,
+        description="a linked clone of this read-only volume (a template's, or a frozen base)",
     )
 
 
@@ -166,6 +172,9 @@ class VolumeStatus(BaseModel):
     attached_to: str | None = None
     allocated_bytes: int | None = None
     message: str = ""
+    # The file of the volume's active layer in its pool directory, when it is not the first
+    # one (``<name>-<id8>.qcow2``): a linked clone of its VM froze that one into a base.
+    file_name: str | None = None
 
 
 class Volume(ObjectMeta):
@@ -175,8 +184,9 @@ class Volume(ObjectMeta):
 
     @property
     def file_name(self) -> str:
-        """The volume's file in its pool directory (the id keeps a re-used name apart)."""
-        return f"{self.name}-{self.id[:8]}.qcow2"
+        """The volume's (active) file in its pool directory (the id keeps a re-used name
+        apart)."""
+        return self.status.file_name or f"{self.name}-{self.id[:8]}.qcow2"
 
 
 # -- images -------------------------------------------------------------------------------------

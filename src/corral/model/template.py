@@ -70,14 +70,19 @@ class InstantiateRequest(Strict):
     start: bool = False
     full: bool = False
     labels: Labels = Field(default_factory=dict)
+    to: Name | None = Field(
+        default=None, description="copy the disks to this host (full copies only)"
+    )
 
 
 class CloneRequest(Strict):
-    """Body of ``POST /api/v1/vms/{name}/clone``: a full copy of the VM's disks under a new VM
-    (new MAC addresses, new identity). A running VM keeps running: each disk is copied from a
-    temporary snapshot."""
+    """Body of ``POST /api/v1/vms/{name}/clone``: a new VM (new MAC addresses, new identity)
+    with copies of the VM's disks. A running VM keeps running. Full (default): each disk is
+    copied (from a temporary snapshot of a running VM), to host ``to`` if given. ``linked``:
+    the VM's disks become read-only bases that the VM (on new overlays) and the clone share."""
 
     name: Name
     linked: bool = False
     start: bool = False
     labels: Labels = Field(default_factory=dict)
+    to: Name | None = Field(default=None, description="copy the disks to this host")

@@ -222,6 +222,8 @@ class LocalNodeService:
             st = volume.status
             if st.state == "ready" and st.path == path:
                 return None
+            if path.rsplit("/", 1)[-1] != volume.file_name:
+                return None  # a report from before a linked clone moved it onto a new file
             if st.state not in ("pending", "creating", "ready"):
                 return None
             st.state, st.node, st.path, st.message = "ready", node, path, ""

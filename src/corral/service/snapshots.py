@@ -184,6 +184,7 @@ class SnapshotService:
             mine.status.with_memory = bool(answer.get("with_memory"))
             mine.status.vm_state = str(answer.get("vm_state", ""))
             mine.status.vm_state_bytes = int(answer.get("vm_state_bytes") or 0)
+            mine.status.disk_bytes = int(answer.get("disk_bytes") or 0)
             mine.status.parent = current.spec.snapshot if current else None
             mine.status.current = True
             mine.updated_at = utcnow()

@@ -340,8 +340,19 @@ class VolumeService:
         return volume
 
     async def delete(self, name: str) -> Volume:
-        """Mark the volume for removal; the leader removes its file, then its record."""
+        """Mark the volume for removal; the leader removes its file, then its record. Refused
+        while other volumes read through it (linked clones)."""
         volume = await self.get(name)
+        readers = sorted(
+            f"{v.name} (vm {v.status.attached_to})" if v.status.attached_to else v.name
+            for v in await _all(self.ctx, Volume)
+            if v.spec.backing_volume == name and v.status.state != "deleting"
+        )
+        if readers:
+            raise Conflict(
+                f"volume {name!r} is the read-only base of linked clones: {', '.join(readers)}; "
+                "it goes by itself once they are all deleted"
+            )
         if volume.status.attached_to:
             raise Conflict(
                 f"volume {name!r} is attached to vm {volume.status.attached_to}; detach it first "

@@ -7,12 +7,15 @@ another VM's or a template's volumes.
   made read-only on their host.
 - ``TemplateService.instantiate``: linked clones of the template's volumes (qcow2 overlays whose
   backing file is the template's file; same pool, so the same host or a shared pool), or full
-  copies; then a VM with the template's hardware and new MAC addresses, created like any VM.
+  copies (``to``: on another host); then a VM with the template's hardware and new MAC
+  addresses, created like any VM.
 - ``TemplateService.delete``: refused while linked clones depend on its volumes (the error lists
   them) unless ``full_clones_first``, which flattens each (stopped) dependant into a standalone
   file first.
-- ``TemplateService.clone``: a full copy of a VM's disks under a new VM; a running VM keeps
-  running (each disk is read from a temporary internal snapshot on its host).
+- ``TemplateService.clone``: a new VM from a VM's disks; a running VM keeps running. Full
+  copies (read from a temporary internal snapshot of a running VM; ``to``: on another host), or
+  ``linked``: the VM's disks become read-only bases it shares with the clone (refused while the
+  VM has snapshots, which the bases would hold). How the files are made: ``service/clones.py``.
 
 Disk files are made on their host (``call_host_vms``) before the VM is recorded, so the new VM's
 host never mistakes a missing clone for a volume still to create.
@@ -27,7 +30,7 @@ from corral.control.hostcall import call_host_vms
 from corral.control.vms import assigned_disk
 from corral.errors import Conflict, CorralError, ValidationFailed
 from corral.model import Node, Pool, Vm, Volume, new_id, utcnow
-from corral.model.storage import VolumeSpec, VolumeStatus
+from corral.model.storage import BASE_HOLDER, VolumeSpec, VolumeStatus
 from corral.model.template import (
     TEMPLATE_HOLDER,
     CloneRequest,
@@ -38,6 +41,7 @@ from corral.model.template import (
     holder,
 )
 from corral.model.vm import VmNic
+from corral.service.clones import CloneMode, DiskCloner
 from corral.service.context import RequestMeta, ServiceContext
 from corral.service.snapshots import SnapshotService
 from corral.service.tasks import new_task
@@ -162,6 +166,13 @@ class TemplateService:
                 f"template {name!r} has linked clones: {', '.join(vms)}; delete them, or pass "
                 "--full-clones-first to copy its data into each of them first"
             )
+        bases = [v.name for v in users if v.status.attached_to == BASE_HOLDER]
+        if bases and full_clones_first:
+            raise Conflict(
+                f"template {name!r} is read through the read-only bases {', '.join(bases)} (of "
+                "linked clones of its instances), which cannot be rewritten; delete those "
+                "clones first"
+            )
         for volume in users:
             await self._flatten(volume)
         ops: builtins.list[Put | Delete] = [Objects.delete(Template, name)]
@@ -207,12 +218,15 @@ class TemplateService:
             raise Conflict(f"template {name!r} is {template.status.state}")
         sources = await self._volumes([d.volume for d in template.spec.vm.disks])
         spec = template.spec.vm.model_copy(deep=True)
+        mode: CloneMode = "full" if req.full else "linked"
+        to = await DiskCloner(self.ctx).target(req.to, sources, mode)
         return await self._new_vm(
             req.name,
             spec,
             sources,
             None,
-            linked=not req.full,
+            mode=mode,
+            to=to,
             start=req.start,
             labels={**spec.labels, **req.labels},
             meta=meta,
@@ -222,31 +236,38 @@ class TemplateService:
 
     async def clone(self, source: str, body: Any, meta: RequestMeta) -> Accepted:
         req = parse(CloneRequest, body)
-        if req.linked:
-            raise ValidationFailed.one(
-                "linked",
-                "template",
-                "a linked clone needs a base that is never written again: make a template of "
-                f"the stopped vm (`corral template create base --from {source}`), then "
-                "`corral vm create NAME --template base` (linked); `vm clone` makes full copies",
-            )
         vm = await self.ctx.objects.get(Vm, source)
         if vm.deleting:
             raise Conflict(f"vm {source!r} is being deleted")
+        if not vm.spec.disks:
+            raise Conflict(f"vm {source!r} has no disks to clone")
         sources = await self._volumes([d.volume for d in vm.spec.disks])
+        mode: CloneMode = "link-vm" if req.linked else "full"
+        if req.linked:
+            snaps, _ = await SnapshotService(self.ctx).list(source)
+            if snaps:
+                names = ", ".join(s.spec.snapshot for s in snaps)
+                raise Conflict(
+                    f"vm {source!r} has snapshots ({names}): a linked clone freezes its disks "
+                    "into a shared read-only base, where they could no longer be rolled back "
+                    f"to; delete them first (`corral vm snapshot delete {source} NAME`) or make "
+                    "a full clone (--full)"
+                )
+        to = await DiskCloner(self.ctx).target(req.to, sources, mode)
         spec = vm.spec.model_copy(deep=True)
         spec.nics = [VmNic() for _ in spec.nics]
         return await self._new_vm(
             req.name,
             spec,
             sources,
-            source,
-            linked=False,
+            vm,
+            mode=mode,
+            to=to,
             start=req.start,
             labels={**spec.labels, **req.labels},
             meta=meta,
             action="clone",
-            origin={"vm": source},
+            origin={"vm": source, **({"to": req.to} if req.to else {})},
         )
 
     async def _new_vm(
@@ -254,9 +275,10 @@ class TemplateService:
         name: str,
         spec: Any,
         sources: builtins.list[Volume],
-        source_vm: str | None,
+        source_vm: Vm | None,
         *,
-        linked: bool,
+        mode: CloneMode,
+        to: Node | None,
         start: bool,
         labels: dict[str, str],
         meta: RequestMeta,
@@ -283,9 +305,11 @@ class TemplateService:
                 spec=VolumeSpec(
                     pool=src.spec.pool,
                     size_gib=src.spec.size_gib,
-                    backing_volume=src.name if linked else None,
+                    backing_volume=src.name if mode == "linked" else None,
                 ),
-                status=VolumeStatus(state="creating", node=src.status.node),
+                status=VolumeStatus(
+                    state="creating", node=to.name if to is not None else src.status.node
+                ),
             )
             clones.append((src, volume))
         task = new_task(self.ctx, meta, action, name, origin)
@@ -295,31 +319,14 @@ class TemplateService:
         )
         task.mod_revision = rev
         runner = SnapshotService(self.ctx).tasks
-        task = await runner.step(task, 1, "linking disks" if linked else "copying disks")
-        made: builtins.list[Volume] = []
+        steps = {
+            "linked": "linking disks",
+            "link-vm": "freezing the source's disks into shared bases",
+            "full": f"copying disks to host {to.name}" if to else "copying disks",
+        }
+        task = await runner.step(task, 1, steps[mode])
         try:
-            for src, volume in clones:
-                node = await self._node(src.status.node, f"volume {src.name}")
-                pool = await self.ctx.objects.find(Pool, src.spec.pool)
-                answer = await call_host_vms(
-                    node,
-                    {
-                        "op": "copy-disk",
-                        "vm": source_vm,
-                        "linked": linked,
-                        "source": assigned_disk(src, pool, None).model_dump(),
-                        "target": assigned_disk(volume, pool, None).model_dump(),
-                    },
-                )
-                volume.status = VolumeStatus(
-                    state="ready",
-                    node=node.name,
-                    path=str(answer.get("path")),
-                    allocated_bytes=answer.get("allocated_bytes"),
-                )
-                volume.updated_at = utcnow()
-                await self.ctx.store.commit([Objects.put(volume)])
-                made.append(volume)
+            await DiskCloner(self.ctx).make(clones, mode, source_vm, to)
             spec.disks = [{"volume": v.name} for _, v in clones]
             body = spec.model_dump(mode="json")
             body.update(
@@ -330,7 +337,7 @@ class TemplateService:
             )
             result = await VmService(self.ctx).create(body, meta)
         except CorralError as exc:
-            await self._discard([v for _, v in clones], made)
+            await self._discard([v.name for _, v in clones])
             await runner.finish(task, error=exc.detail)
             raise
         await runner.finish(
@@ -338,23 +345,28 @@ class TemplateService:
             result={
                 "vm": name,
                 "volumes": [v.name for _, v in clones],
-                "linked": linked,
+                "linked": mode != "full",
                 "create_task": result.task.id,
+                **({"to": to.name} if to else {}),
             },
         )
         return result
 
-    async def _discard(self, volumes: builtins.list[Volume], made: builtins.list[Volume]) -> None:
+    async def _discard(self, names: builtins.list[str]) -> None:
         """Undo a clone that failed half-way: made files go through the volume loop."""
         ops: builtins.list[Put | Delete] = []
-        for volume in volumes:
-            if volume in made:
+        for name in names:
+            volume = await self.ctx.objects.find(Volume, name)
+            if volume is None:
+                continue
+            if volume.status.state == "ready":
                 volume.status.state = "deleting"
                 volume.status.message = "clone failed"
                 ops.append(Objects.put(volume))
             else:
                 ops.append(Objects.delete(Volume, volume.name))
-        await self.ctx.store.commit(ops)
+        if ops:
+            await self.ctx.store.commit(ops)
 
 
 def is_template_holder(attached_to: str | None) -> bool:

@@ -61,6 +61,7 @@ from corral.agent.drivers.qemu.handle import (
     StoredDisk,
     load_handles,
     save_handle,
+    top_node,
 )
 from corral.agent.drivers.qemu.process import (
     is_vm_process,
@@ -804,7 +805,9 @@ class QemuDriver:
                 async with session.events(("DEVICE_DELETED",)) as events:
                     await session.execute("device_del", {"id": f"virtio-disk{slot}"})
                     await self._wait_unplugged(name, events, f"virtio-disk{slot}")
-                await session.execute("blockdev-del", {"node-name": f"disk{slot}"})
+                # Overlays a linked clone put on top go first, newest first (see layers.py).
+                for node in (*reversed(handle.live_layers(stored)), f"disk{slot}"):
+                    await session.execute("blockdev-del", {"node-name": node})
             disks = tuple(d for d in handle.disks if d.id != disk_id)
             handle = self._patch(name, disks=disks)
             return self._driver_vm(name, await self._runtime(handle))
@@ -830,12 +833,12 @@ class QemuDriver:
             if index is None:
                 raise DriverError(f"qemu driver: vm {name} has no disk {disk_id}")
             stored = handle.disks[index]
-            slot = stored.slot if stored.slot is not None else index
             runtime = await self._runtime(handle)
             if runtime.status is None:
                 return False
             session = await self._session(handle)
-            await session.execute("block_resize", {"node-name": f"disk{slot}", "size": size_bytes})
+            node = top_node(handle, index, stored)
+            await session.execute("block_resize", {"node-name": node, "size": size_bytes})
             return True
 
     def _disk_config_checked(self, name: str, disk: DriverDisk, slot: int) -> DiskConfig:

@@ -32,11 +32,13 @@ from corral.model import VmSpec
 __all__ = [
     "HANDLE_FILE",
     "VMS_DIR",
+    "DiskLayers",
     "QemuHandle",
     "StoredBoot",
     "StoredDisk",
     "load_handles",
     "save_handle",
+    "top_node",
 ]
 
 VMS_DIR = "vms"
@@ -82,6 +84,15 @@ class StoredDisk(_Stored):
         )
 
 
+class DiskLayers(_Stored):
+    """Block nodes put on top of a disk while its QEMU (``pid``) runs: external overlays a
+    linked clone froze the disk under (``layers.freeze``), oldest first. A new QEMU opens the
+    whole chain from the files again, under ``disk<slot>``: entries of another pid are stale."""
+
+    pid: int
+    nodes: tuple[str, ...] = ()
+
+
 class QemuHandle(BaseModel):
     """One VM's persisted handle (see the module docstring). Mutated only through
     ``model_copy(update=...)`` and saved after every change."""
@@ -109,6 +120,22 @@ class QemuHandle(BaseModel):
     qemu_version: str | None = None
     accel: str | None = None
     stop_message: str = Field(default="", description="why the VM last stopped, if not asked to")
+    # Disk id -> the overlay nodes added live on top of it (see DiskLayers).
+    disk_layers: dict[str, DiskLayers] = Field(default_factory=dict)
+
+    def live_layers(self, disk: StoredDisk) -> tuple[str, ...]:
+        """The overlay nodes on top of ``disk`` in the running QEMU (oldest first)."""
+        entry = self.disk_layers.get(disk.id)
+        if entry is None or self.pid is None or entry.pid != self.pid:
+            return ()
+        return entry.nodes
+
+
+def top_node(handle: QemuHandle, index: int, disk: StoredDisk) -> str:
+    """The QEMU block node the guest's disk writes to now: ``disk<slot>``, or the newest
+    overlay put on top of it while this QEMU runs."""
+    layers = handle.live_layers(disk)
+    return layers[-1] if layers else f"disk{disk.slot if disk.slot is not None else index}"
 
 
 def load_handles(vms_dir: Path) -> dict[str, QemuHandle]:

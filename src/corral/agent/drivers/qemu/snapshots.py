@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from corral.agent.drivers.qemu.handle import top_node
 from corral.errors import Conflict, DriverError, ValidationFailed
 
 if TYPE_CHECKING:
@@ -36,7 +37,17 @@ if TYPE_CHECKING:
     from corral.agent.drivers.qemu.handle import StoredDisk
     from corral.agent.drivers.qemu.qmp import QmpSession
 
-__all__ = ["SnapshotResult", "copy_disk", "create", "delete", "qemu_img", "rollback"]
+__all__ = [
+    "HeldSnapshot",
+    "SnapshotResult",
+    "copy_disk",
+    "create",
+    "delete",
+    "drop_temporary_snapshot",
+    "qemu_img",
+    "rollback",
+    "take_temporary_snapshot",
+]
 
 _JOB_TIMEOUT_S = 600.0
 # snapshot-save blocks QEMU's main loop while it writes the RAM: QMP answers only afterwards.
@@ -52,6 +63,8 @@ class SnapshotResult:
     with_memory: bool
     vm_state_bytes: int
     disks: dict[str, str]
+    # What QEMU reports as allocated in the disk files (``actual-size``) just afterwards.
+    disk_bytes: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -59,6 +72,7 @@ class SnapshotResult:
             "with_memory": self.with_memory,
             "vm_state_bytes": self.vm_state_bytes,
             "disks": dict(self.disks),
+            "disk_bytes": self.disk_bytes,
         }
 
 
@@ -88,6 +102,12 @@ async def qemu_img(*args: str, binary: str = "qemu-img") -> str:
     return out.decode(errors="replace")
 
 
+async def _allocated(path: str) -> int:
+    """What QEMU reports as allocated for a qcow2 file (``actual-size``; read with ``-U``)."""
+    doc = json.loads(await qemu_img("info", "--output=json", "-U", "-f", "qcow2", path))
+    return int(doc.get("actual-size") or 0)
+
+
 async def _tags(path: str) -> dict[str, int]:
     """The internal snapshots of a qcow2 file: tag -> size of its saved VM state (bytes).
     ``-U``: the file may be open by a running QEMU (reading its header is safe)."""
@@ -104,10 +124,6 @@ def _image_opts(path: str) -> str:
 
 async def _snapshot_file(flag: str, tag: str, path: str) -> None:
     await qemu_img("snapshot", "-q", "--image-opts", flag, tag, _image_opts(path))
-
-
-def _node(index: int, disk: StoredDisk) -> str:
-    return f"disk{disk.slot if disk.slot is not None else index}"
 
 
 def _qcow2(name: str, disks: Sequence[StoredDisk]) -> None:
@@ -164,7 +180,7 @@ async def create(driver: QemuDriver, name: str, tag: str, memory: bool | None) -
                 raise Conflict(f"vm {name}: disk {d.id or d.path} already has snapshot {tag!r}")
         if live:
             session = await driver._session(handle)
-            nodes = [_node(i, d) for i, d in enumerate(disks)]
+            nodes = [top_node(handle, i, d) for i, d in enumerate(disks)]
             if with_memory:
                 await _run_job(
                     session, "snapshot-save", {"tag": tag, "vmstate": nodes[0], "devices": nodes}
@@ -185,8 +201,13 @@ async def create(driver: QemuDriver, name: str, tag: str, memory: bool | None) -
             for d in disks:
                 await _snapshot_file("-c", tag, d.path)
         size = (await _tags(disks[0].path)).get(tag, 0)
+        allocated = sum([await _allocated(d.path) for d in disks])
         return SnapshotResult(
-            runtime.state, with_memory, size, {d.id or str(i): d.path for i, d in enumerate(disks)}
+            runtime.state,
+            with_memory,
+            size,
+            {d.id or str(i): d.path for i, d in enumerate(disks)},
+            allocated,
         )
 
 
@@ -215,7 +236,7 @@ async def rollback(
                     f"(`corral vm stop {name}`), then roll back"
                 )
             session = await driver._session(handle)
-            nodes = [_node(i, d) for i, d in chosen]
+            nodes = [top_node(handle, i, d) for i, d in chosen]
             await _run_job(
                 session, "snapshot-load", {"tag": tag, "vmstate": nodes[0], "devices": nodes}
             )
@@ -243,7 +264,7 @@ async def delete(driver: QemuDriver, name: str, tag: str) -> SnapshotResult:
             if session is not None:
                 await session.execute(
                     "blockdev-snapshot-delete-internal-sync",
-                    {"device": _node(i, d), "name": tag},
+                    {"device": top_node(handle, i, d), "name": tag},
                     timeout_s=_JOB_POLL_TIMEOUT_S,
                 )
             else:
@@ -283,31 +304,60 @@ async def copy_disk(
 
 async def _full_copy(driver: QemuDriver | None, vm: str | None, source: Path, tmp: Path) -> None:
     convert = ["convert", "-q", "-f", "qcow2", "-O", "qcow2"]
-    if driver is None or vm is None or vm not in driver._handles:
+    held = await take_temporary_snapshot(driver, vm, source)
+    if held is None:
         await qemu_img(*convert, str(source), str(tmp))
         return
+    try:
+        # The snapshot's clusters never change while it exists: reading them beside the
+        # running QEMU (-U) is safe, and the VM is not held up.
+        await qemu_img(*convert, "-U", "-l", f"snapshot.name={held.tag}", str(source), str(tmp))
+    finally:
+        await drop_temporary_snapshot(driver, vm, source, held)
+
+
+@dataclass(frozen=True)
+class HeldSnapshot:
+    """A temporary internal snapshot of a disk a running QEMU holds (see
+    ``take_temporary_snapshot``)."""
+
+    tag: str
+    node: str
+
+
+async def take_temporary_snapshot(
+    driver: QemuDriver | None, vm: str | None, source: Path
+) -> HeldSnapshot | None:
+    """When ``vm``'s QEMU here has ``source`` open: a new internal snapshot of it, whose
+    clusters never change while it exists (read it with ``-U -l snapshot.name=TAG``); None
+    when no QEMU holds the file (read the file itself, under the usual locks)."""
+    if driver is None or vm is None or vm not in driver._handles:
+        return None
     async with driver._lock(vm):
         handle = driver._get(vm)
         runtime = await driver._runtime(handle)
         index = next((i for i, d in enumerate(handle.disks) if d.path == str(source)), None)
         if runtime.status is None or index is None:
-            await qemu_img(*convert, str(source), str(tmp))
-            return
+            return None
         session = await driver._session(handle)
-        node = _node(index, handle.disks[index])
+        node = top_node(handle, index, handle.disks[index])
         tag = f"corral-copy-{secrets.token_hex(4)}"
         await session.execute("blockdev-snapshot-internal-sync", {"device": node, "name": tag})
-    try:
-        # The snapshot's clusters never change while it exists: reading them beside the
-        # running QEMU (-U) is safe, and the VM is not held up.
-        await qemu_img(*convert, "-U", "-l", f"snapshot.name={tag}", str(source), str(tmp))
-    finally:
-        async with driver._lock(vm):
-            handle = driver._get(vm)
-            if (await driver._runtime(handle)).status is not None:
-                session = await driver._session(handle)
-                await session.execute(
-                    "blockdev-snapshot-delete-internal-sync", {"device": node, "name": tag}
-                )
-            else:
-                await _snapshot_file("-d", tag, str(source))
+        return HeldSnapshot(tag, node)
+
+
+async def drop_temporary_snapshot(
+    driver: QemuDriver | None, vm: str | None, source: Path, held: HeldSnapshot
+) -> None:
+    """Remove a snapshot ``take_temporary_snapshot`` made (through QEMU if it still runs)."""
+    if driver is None or vm is None:
+        return
+    async with driver._lock(vm):
+        handle = driver._handles.get(vm)
+        if handle is not None and (await driver._runtime(handle)).status is not None:
+            session = await driver._session(handle)
+            await session.execute(
+                "blockdev-snapshot-delete-internal-sync", {"device": held.node, "name": held.tag}
+            )
+        else:
+            await _snapshot_file("-d", held.tag, str(source))
