@@ -178,7 +178,8 @@ def task_watch(
 
 @task_app.command("cancel")
 def task_cancel(ctx: typer.Context, task_id: IdArg, output: OutputOpt = None) -> None:
-    """Cancel a drain or rebalance: no further moves start (moves under way finish)."""
+    """Cancel a migration (it rolls back: the guest stays on its source), a drain or a
+    rebalance (no further moves start; moves under way finish)."""
     state = get_state(ctx)
     client = state.client()
     task = resolve_task(client, task_id)
@@ -186,4 +187,4 @@ def task_cancel(ctx: typer.Context, task_id: IdArg, output: OutputOpt = None) ->
     if state.wants_json(output):
         print_json(updated)
         return
-    typer.echo(f"{describe_task(updated)}: cancel requested")
+    typer.echo(f"cancel of {describe_task(updated)} requested")

@@ -55,16 +55,24 @@ from datetime import timedelta
 
 from corral.control.context import LeaderContext
 from corral.control.hostcall import call_host_storage
+from corral.control.placement import Allocation, PlanApplier, fits
 from corral.control.queue import Outcome
+from corral.control.tasks import steps_for
 from corral.control.vms import assigned_disk, desired_assignment
 from corral.errors import CorralError
-from corral.model import Assignment, Migration, Task, Vm
-from corral.model.common import utcnow
-from corral.model.migration import IncomingMigration, MigrationReport, OutgoingMigration
-from corral.state import Delete, Objects, Put, keys
+from corral.model import Assignment, Migration, Target, Task, TaskSpec, TaskStatus, Vm, new_id
+from corral.model.common import new_time_id, utcnow
+from corral.model.migration import (
+    IncomingMigration,
+    MigrationOptions,
+    MigrationReport,
+    MigrationSpec,
+    OutgoingMigration,
+)
+from corral.state import Delete, Expect, Objects, Put, keys
 from corral.state.codec import encode
 
-__all__ = ["MigrationLoop", "progress_step"]
+__all__ = ["MigrationLoop", "migration_records", "progress_step"]
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +116,82 @@ def progress_step(report: MigrationReport | None) -> tuple[str, float]:
     if report.message:
         step += f" ({report.message})"
     return step, 0.6 + 0.2 * min(fraction, 1.0)
+
+
+def migration_records(
+    vm: Vm,
+    target: str,
+    options: MigrationOptions,
+    local_volumes: list[str],
+    why: str,
+    previous: Migration | None,
+    *,
+    actor: str,
+    request_id: str = "",
+    trace_id: str = "",
+) -> tuple[Migration, Task, list[Put | Delete], list[Expect]]:
+    """A new migration of running ``vm`` to ``target`` and its ``migrate`` task, with the ops
+    and compares that write both in one transaction (the VM unchanged, no migration under way).
+    The one place both ``POST /vms/{name}/migrate`` and the live mover of drains and rebalances
+    build them."""
+    source = vm.status.node
+    assert source is not None
+    now = utcnow()
+    task_id = new_time_id()
+    steps = steps_for("migrate")
+    steps[0].state = "done"
+    steps[0].started_at = steps[0].finished_at = now
+    task = Task(
+        name=task_id,
+        id=task_id,
+        created_at=now,
+        updated_at=now,
+        spec=TaskSpec(
+            action="migrate",
+            target=Target(kind="vm", name=vm.name),
+            params={
+                "vm_id": vm.id,
+                "source": source,
+                "target": target,
+                **options.model_dump(exclude_none=True),
+            },
+        ),
+        status=TaskStatus(
+            state="pending", step="accepted", steps=steps, progress=round(1 / len(steps), 3)
+        ),
+        actor=actor,
+        request_id=request_id,
+        trace_id=trace_id,
+        deadline_at=now + timedelta(seconds=options.timeout_s + 120),
+    )
+    runtime = vm.status.runtime
+    mode = "memory and local disks (mirrored over NBD)" if local_volumes else "memory only"
+    migration = Migration(
+        name=vm.name,
+        id=new_id(),
+        created_at=now,
+        updated_at=now,
+        spec=MigrationSpec(
+            vm=vm.name,
+            vm_id=vm.id,
+            source=source,
+            target=target,
+            task=task.id,
+            options=options,
+            local_volumes=list(local_volumes),
+            machine=runtime.get("qemu.machine", "q35"),
+            accel=runtime.get("qemu.accel"),
+            qemu_version=runtime.get("qemu.version"),
+        ),
+    )
+    migration.status.message = f"accepted: {why}; transfer: {mode}"
+    expect = [
+        Objects.expect_unchanged(vm),
+        Objects.expect_unchanged(previous)
+        if previous is not None
+        else Objects.expect_missing(Migration, vm.name),
+    ]
+    return migration, task, [Objects.put(migration), Objects.put(task)], expect
 
 
 def _task_progress(task: Task, done: int, step: str, progress: float) -> None:
@@ -204,6 +288,11 @@ class MigrationLoop:
         elif target is None or target.status.state != "ready":
             state = target.status.state if target else "gone"
             problem = f"target host {m.spec.target} is {state}"
+        elif target.spec.cordoned or target.spec.maintenance:
+            what = "in maintenance" if target.spec.maintenance else "cordoned"
+            problem = f"target host {m.spec.target} is {what}"
+        else:
+            problem = self._target_full(m, vm)
         if problem is not None:
             return await self._end(m, vm, task, "failed", problem, ops=[])
         assignment = desired_assignment(vm, self.ctx)
@@ -245,6 +334,24 @@ class MigrationLoop:
         return Outcome(
             f"migration of vm {vm.name}: preparing target {m.spec.target}", requeue_after=_WAIT_S
         )
+
+    def _target_full(self, m: Migration, vm: Vm) -> str | None:
+        """Why the target cannot take the VM now (its allocation record plus the migrations
+        already heading there), or None."""
+        target = self.ctx.node(m.spec.target)
+        assert target is not None
+        applier = PlanApplier(self.ctx)
+        trial = applier.allocation(m.spec.target).copy()
+        for other in self.ctx.all(Migration):
+            if other.name == m.name or other.spec.target != m.spec.target:
+                continue
+            if other.final or other.status.phase in ("pending", "switched-over"):
+                continue
+            moving = self.ctx.vm(other.name)
+            if moving is not None:
+                trial.vms[moving.name] = (moving.spec.vcpus, moving.spec.memory_mib)
+        trial.vms[vm.name] = (vm.spec.vcpus, vm.spec.memory_mib)
+        return fits(target, trial, applier.ratios())
 
     async def _send(self, m: Migration, vm: Vm, task: Task | None) -> Outcome:
         target = m.status.target
@@ -324,6 +431,15 @@ class MigrationLoop:
             for d in assignment.disks
         ]
         assignment = assignment.model_copy(update={"disks": disks})
+        # The VM's allocation moves with it, in this transaction: capacity stays exact.
+        applier = PlanApplier(self.ctx)
+        allocs: dict[str, Allocation] = {}
+        for host in (m.spec.source, m.spec.target):
+            alloc = applier.allocation(host)
+            expect.append(alloc.expect(host))
+            allocs[host] = alloc.copy()
+        allocs[m.spec.source].vms.pop(vm.name, None)
+        allocs[m.spec.target].vms[vm.name] = (vm.spec.vcpus, vm.spec.memory_mib)
         m.status.phase = "switched-over"
         m.status.switched_at = now
         m.status.message = f"the guest runs on {m.spec.target}"
@@ -335,6 +451,7 @@ class MigrationLoop:
         ]
         if self.ctx.assignment(m.spec.source, vm.name) is not None:
             ops.append(Delete(keys.assign_key(m.spec.source, vm.name)))
+        ops += [Put(keys.alloc_key(h), a.encode()) for h, a in allocs.items()]
         if task is not None:
             task.status.result = {
                 "source": m.spec.source,

@@ -8,10 +8,14 @@ Moves go through a :class:`Mover`, the one seam between this loop and how a VM c
 * ``state(handle)`` says how that move is doing: ``(state, message)`` with state one of
   ``running``, ``succeeded``, ``failed``.
 
-:class:`RelocatingMover` is the stand-in used until live migration is connected: it moves the
-VM's placement (status.node, assignment, allocation records) in one transaction through the
-plan applier; the source host stops the VM and the target starts it (a cold move: the guest
-restarts). ``LeaderLoops`` takes any other mover (the live-migration one) instead.
+:class:`LiveMover` (the default) moves a running VM by live migration: it writes a Migration
+record and its ``migrate`` task as ``POST /vms/{name}/migrate`` does, the migration loop
+(``control.migrations``) carries it out and moves the VM's allocation record at switch-over,
+and the move's state is that task's. A VM that is not running, or whose hosts cannot migrate
+(different drivers, a KVM guest), moves cold through :class:`RelocatingMover`: its placement
+(status.node, assignment, allocation records) changes in one transaction through the plan
+applier, the source host stops the VM and the target starts it (the guest restarts, but it
+was not running anyway unless its hosts cannot migrate). Neither moves a VM being deleted.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from datetime import timedelta
 from typing import Any, Protocol
 
 from corral.control.context import LeaderContext
+from corral.control.migrations import migration_records
 from corral.control.placement import (
     Allocation,
     Placement,
@@ -35,12 +40,15 @@ from corral.control.vms import volume_host
 from corral.errors import Conflict
 from corral.model import Target, Task, TaskSpec, TaskStatus, Vm, utcnow
 from corral.model.common import new_time_id
+from corral.model.migration import MigrationOptions
 from corral.model.task import FINAL_TASK_STATES, Step
 from corral.scheduler import plan_moves
 from corral.state import Delete, Objects, Put, keys
 
 __all__ = [
+    "LIVE_DRIVERS",
     "OPERATION_ACTIONS",
+    "LiveMover",
     "Mover",
     "OperationLoop",
     "RelocatingMover",
@@ -103,6 +111,8 @@ class RelocatingMover:
         current = self.ctx.vm(vm)
         if current is None:
             raise Conflict(f"vm {vm} is gone")
+        if current.deleting:
+            raise Conflict(f"vm {vm} is being deleted")
         source = current.status.node
         if source is None or source == target:
             raise Conflict(f"vm {vm} is not placed on another host")
@@ -132,6 +142,99 @@ class RelocatingMover:
         return "running", f"vm {name} {seen} on {target}"
 
 
+# Drivers whose guests migrate live between two hosts running the same driver.
+LIVE_DRIVERS = frozenset({"qemu", "fake"})
+_LIVE_STATES = frozenset({"running", "paused"})
+
+
+class LiveMover:
+    """Moves a running VM by live migration (the guest keeps running: same boot, same
+    ``started_at``); a VM that is not running, or whose hosts cannot migrate, is relocated
+    cold by :class:`RelocatingMover` (nothing runs that could restart).
+
+    ``start`` writes a Migration record and its ``migrate`` task exactly as
+    ``POST /vms/{name}/migrate`` does (``control.migrations.migration_records``), through the
+    leader's fenced commit; the migration loop does the rest, and its switch-over moves the
+    VM's allocation record. ``state`` reads that task from the leader's cache. Handles are
+    ``live:<task id>`` or ``cold:<relocation handle>``."""
+
+    def __init__(self, ctx: LeaderContext) -> None:
+        self.ctx = ctx
+        self.cold = RelocatingMover(ctx)
+
+    def live_reason(self, vm: Vm, target: str) -> str | None:
+        """None when ``vm`` can move live to ``target``, else why it moves cold."""
+        if vm.status.state not in _LIVE_STATES:
+            return f"vm {vm.name} is {vm.status.state}"
+        assert vm.status.node is not None
+        drivers = []
+        for host in (vm.status.node, target):
+            node = self.ctx.node(host)
+            inv = node.status.inventory if node is not None else None
+            drivers.append(inv.driver if inv is not None else "?")
+        if drivers[0] != drivers[1]:
+            return f"the hosts run different drivers ({drivers[0]}, {drivers[1]})"
+        if drivers[0] not in LIVE_DRIVERS:
+            return f"driver {drivers[0]} cannot migrate live"
+        if vm.status.runtime.get("qemu.accel") == "kvm":
+            return "guests under kvm use -cpu host, which corral does not migrate yet"
+        return None
+
+    async def start(self, vm: str, target: str, reason: str) -> str:
+        current = self.ctx.vm(vm)
+        if current is None:
+            raise Conflict(f"vm {vm} is gone")
+        if current.deleting:
+            raise Conflict(f"vm {vm} is being deleted")
+        source = current.status.node
+        if source is None or source == target:
+            raise Conflict(f"vm {vm} is not placed on another host")
+        previous = self.ctx.migration(vm)
+        if previous is not None and not previous.final:
+            raise Conflict(f"vm {vm} is already migrating to {previous.spec.target}")
+        cold = self.live_reason(current, target)
+        if cold is not None:
+            log.info("vm %s moves cold to %s: %s", vm, target, cold)
+            return "cold:" + await self.cold.start(vm, target, f"{reason}; {cold}")
+        _, task, ops, expect = migration_records(
+            current,
+            target,
+            MigrationOptions(),
+            local_volumes(self.ctx, current),
+            reason,
+            previous,
+            actor=f"corral:{reason.split(' ', 1)[0]}",
+        )
+        await self.ctx.commit(ops, expect)
+        return "live:" + task.id
+
+    def state(self, handle: str) -> tuple[str, str]:
+        kind, _, rest = handle.partition(":")
+        if kind != "live":
+            return self.cold.state(rest if kind == "cold" else handle)
+        task = self.ctx.task(rest)
+        if task is None:
+            return "failed", f"migrate task {rest} is gone"
+        if task.status.state == "succeeded":
+            return "succeeded", task.status.step
+        if task.final:
+            return "failed", task.status.error or f"migration {task.status.state}"
+        return "running", f"migrating live: {task.status.step} (task {rest})"
+
+
+def local_volumes(ctx: LeaderContext, vm: Vm) -> list[str]:
+    """The VM's volumes on host-local pools (a live migration mirrors them)."""
+    out = []
+    for ref in vm.spec.disks:
+        volume = ctx.volume(ref.volume)
+        if volume is None:
+            continue
+        pool = ctx.pool(volume.spec.pool)
+        if pool is None or not pool.spec.shared:
+            out.append(volume.name)
+    return out
+
+
 def _result(task: Task) -> dict[str, Any]:
     r = dict(task.status.result or {})
     r.setdefault("moves", {})
@@ -143,7 +246,7 @@ def _result(task: Task) -> dict[str, Any]:
 class OperationLoop:
     def __init__(self, ctx: LeaderContext, mover: Mover | None = None) -> None:
         self.ctx = ctx
-        self.mover: Mover = mover or RelocatingMover(ctx)
+        self.mover: Mover = mover or LiveMover(ctx)
         self.applier = PlanApplier(ctx)
 
     async def reconcile(self, key: str) -> Outcome:
@@ -209,8 +312,8 @@ class OperationLoop:
                 else:
                     result["blocked"][step.vm] = step.blocker
                 continue
-            if moves.get(step.vm, {}).get("state") == "succeeded":
-                continue  # moved back by someone: leave it
+            if moves.get(step.vm, {}).get("state") in ("succeeded", "failed"):
+                continue  # moved back by someone, or its move failed (reported at the end)
             if slots <= 0:
                 waiting = True
                 continue

@@ -30,7 +30,7 @@ from corral.control.context import LeaderContext
 from corral.control.queue import Outcome
 from corral.control.vms import desired_assignment, volume_host
 from corral.errors import Conflict
-from corral.model import ClusterConfig, ClusterInfo, Group, Node, Vm
+from corral.model import ClusterConfig, ClusterInfo, Group, Migration, Node, Vm
 from corral.model.common import rfc3339, utcnow
 from corral.scheduler import Group as SchedGroup
 from corral.scheduler import Move, NodeView, PlacedVm, Plan, Request, Scheduler, Snapshot
@@ -47,6 +47,8 @@ __all__ = [
     "PlacementLoop",
     "build_snapshot",
     "commit_placements",
+    "fits",
+    "incoming_allocations",
     "move_dict",
     "placement_record",
     "plan_drain",
@@ -127,6 +129,25 @@ def allocations(records: Iterable[KV], vms: Iterable[Vm]) -> dict[str, Allocatio
     return out
 
 
+def incoming_allocations(
+    migrations: Iterable[Migration], vms: Mapping[str, Vm]
+) -> dict[str, Allocation]:
+    """Per target host, the VMs a live migration is bringing there and that its allocation
+    record does not hold yet (migrations under way, before their switch-over)."""
+    out: dict[str, Allocation] = {}
+    for m in migrations:
+        if m.final or m.status.phase == "switched-over":
+            continue
+        vm = vms.get(m.name)
+        if vm is None or vm.id != m.spec.vm_id or vm.status.node == m.spec.target:
+            continue
+        out.setdefault(m.spec.target, Allocation()).vms[vm.name] = (
+            vm.spec.vcpus,
+            vm.spec.memory_mib,
+        )
+    return out
+
+
 # -- snapshot ----------------------------------------------------------------------------
 
 
@@ -191,14 +212,24 @@ def build_snapshot(
     cpu_allocation_ratio: float,
     memory_allocation_ratio: float,
     pin: Pin | None = None,
+    migrations: Iterable[Migration] = (),
 ) -> Snapshot:
-    """The cluster as the scheduler sees it. Usage comes from the allocation records; the VM
-    list (for group rules and the rebalancer) from the VM records placed on known hosts."""
+    """The cluster as the scheduler sees it. Usage comes from the allocation records plus the
+    live migrations heading to a host (the guest takes room there before its switch-over moves
+    the allocation); the VM list (for group rules and the rebalancer) from the VM records
+    placed on known hosts."""
+    vms = list(vms)
+    incoming = incoming_allocations(migrations, {v.name: v for v in vms})
     views = []
     for node in nodes:
         if node.status.state == "left":
             continue
-        view = node_view(node, allocs.get(node.name))
+        alloc = allocs.get(node.name)
+        extra = incoming.get(node.name)
+        if extra is not None:
+            alloc = (alloc or Allocation()).copy()
+            alloc.vms.update(extra.vms)
+        view = node_view(node, alloc)
         if view is not None:
             views.append(view)
     known = {v.name for v in views}
@@ -388,6 +419,7 @@ def leader_snapshot(ctx: LeaderContext) -> Snapshot:
         cpu_allocation_ratio=ctx.settings.cpu_allocation_ratio,
         memory_allocation_ratio=ctx.settings.memory_allocation_ratio,
         pin=lambda vm: volume_host(ctx, vm),
+        migrations=ctx.all(Migration),
     )
 
 

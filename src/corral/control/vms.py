@@ -166,4 +166,16 @@ class VmLoop:
         if self.ctx.assignment(node, vm.name) is not None:
             await self.ctx.commit([Delete(keys.assign_key(node, vm.name))])
             return Outcome(f"asking node {node} to remove vm {vm.name}")
+        seen = vm.status.observed_epoch
+        if seen is not None and seen < vm.status.epoch:
+            # The host never reported this placement (e.g. moved there, then deleted before it
+            # started): it will never report it gone. Its assignment is gone, so its agent
+            # drops the VM if it had received it after all.
+            await self.ctx.commit(
+                [Objects.delete(Vm, vm.name), Delete(keys.placement_key(vm.name))],
+                [Objects.expect_unchanged(vm)],
+            )
+            return Outcome(
+                f"deleted vm {vm.name}: node {node} never reported it (epoch {vm.status.epoch})"
+            )
         return Outcome(f"waiting for node {node} to remove vm {vm.name}")

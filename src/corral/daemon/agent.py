@@ -24,8 +24,11 @@ from pydantic import ValidationError
 from corral.agent.console import LocalConsoles
 from corral.agent.disk_export import DiskExports
 from corral.agent.drivers import Driver, QemuDriver
+from corral.agent.drivers.fake import FakeDriver
+from corral.agent.drivers.fake_migration import FakeMigrator
 from corral.agent.drivers.qemu.migration import QemuMigrator
 from corral.agent.inventory import collect_inventory
+from corral.agent.migrations import Migrator
 from corral.agent.nodeapi import NodeService as NodeServiceProtocol
 from corral.agent.remote import RemoteNodeService
 from corral.agent.runner import NodeAgent
@@ -73,6 +76,15 @@ from corral.state.codec import encode
 __all__ = ["Agent", "AgentStartError"]
 
 log = logging.getLogger(__name__)
+
+
+def _migrator(driver: Driver, fake_delay_s: float) -> Migrator | None:
+    """The driver's live migration, if it has one."""
+    if isinstance(driver, QemuDriver):
+        return QemuMigrator(driver)
+    if isinstance(driver, FakeDriver):
+        return FakeMigrator(driver, transfer_delay_s=fake_delay_s)
+    return None
 
 
 class AgentStartError(RuntimeError):
@@ -570,7 +582,7 @@ class Agent:
             lease_ttl_s=s.lease_ttl_s,
             storage=storage,
             inventory_refresh=lambda pools: collect_inventory(self.data_dir, driver.name, pools),
-            migrator=QemuMigrator(driver) if isinstance(driver, QemuDriver) else None,
+            migrator=_migrator(driver, s.fake_migrate_delay_s),
         )
         server = _ApiServer(
             uvicorn.Config(

@@ -145,6 +145,10 @@ class AgentSettings:
     fake_stop_delay_s: float = field(
         default=0.2, metadata=_doc("fake driver: seconds a VM takes to stop")
     )
+    fake_migrate_delay_s: float = field(
+        default=0.5,
+        metadata=_doc("fake driver: seconds a live migration takes to transfer the guest"),
+    )
     fake_fail_start: str = field(
         default="",
         metadata=_doc("fake driver: glob of VM names whose start fails (failure injection)"),

@@ -184,6 +184,9 @@ class VmStatus(BaseModel):
     started_at: datetime | None = None
     observed_generation: int = 0
     epoch: int = 0
+    # The placement epoch a host last reported this VM at (None: never reported). Lower than
+    # ``epoch`` while the host of the current placement has not reported it yet.
+    observed_epoch: int | None = None
     # What the hypervisor reports about the running VM (qemu.pid, qemu.accel, qemu.vnc, ...).
     runtime: dict[str, str] = Field(default_factory=dict)
 

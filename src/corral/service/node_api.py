@@ -194,9 +194,25 @@ class LocalNodeService:
                     return None  # a stale report about an older placement
                 st = vm.status
                 state = "deleting" if vm.deleting else obs.state
-                new = (state, obs.observed_generation, obs.started_at, obs.message, obs.runtime)
-                if (st.state, st.observed_generation, st.started_at, st.message, st.runtime) == new:
+                new = (
+                    state,
+                    obs.observed_generation,
+                    obs.started_at,
+                    obs.message,
+                    obs.runtime,
+                    obs.epoch,
+                )
+                have = (
+                    st.state,
+                    st.observed_generation,
+                    st.started_at,
+                    st.message,
+                    st.runtime,
+                    st.observed_epoch,
+                )
+                if have == new:
                     return None
+                st.observed_epoch = obs.epoch
                 st.state = state
                 st.observed_generation = max(st.observed_generation, obs.observed_generation)
                 st.started_at = obs.started_at

@@ -1,4 +1,5 @@
-"""Node maintenance and cluster moves: cordon, maintenance, drain, undrain, rebalance, cancel.
+"""Node maintenance and cluster moves: cordon, maintenance, drain, undrain, rebalance, and the
+one task cancel (``POST /tasks/{id}/cancel``: migrations, drains, rebalances).
 
 The handlers write intents and tasks; the leader's operation loop
 (``control.operations.OperationLoop``) moves the VMs and records progress on the task.
@@ -10,6 +11,7 @@ a host can take them.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 from pydantic import Field
@@ -19,6 +21,7 @@ from corral.errors import Conflict, NodeReason, Unschedulable, ValidationFailed
 from corral.model import Node, NodeSpec, Target, Task, Vm, utcnow
 from corral.model.common import Strict, merge_patch
 from corral.service.context import RequestMeta, ServiceContext
+from corral.service.migrations import MigrationService
 from corral.service.placement import PlacementService
 from corral.service.validate import parse
 from corral.state import Objects
@@ -26,7 +29,7 @@ from corral.state import Objects
 __all__ = ["CANCELLABLE", "DrainBody", "OperationService", "RebalanceBody"]
 
 # Task actions that stop part-way when cancelled.
-CANCELLABLE = frozenset({"drain", "rebalance"})
+CANCELLABLE = frozenset({"drain", "rebalance", "migrate"})
 _NODE_PATCHABLE = {
     "cordoned",
     "maintenance",
@@ -78,9 +81,15 @@ def node_task(
 
 
 class OperationService:
-    def __init__(self, ctx: ServiceContext, placement: PlacementService) -> None:
+    def __init__(
+        self,
+        ctx: ServiceContext,
+        placement: PlacementService,
+        migrations: MigrationService | None = None,
+    ) -> None:
         self.ctx = ctx
         self.placement = placement
+        self.migrations = migrations or MigrationService(ctx, placement)
 
     # -- node spec ---------------------------------------------------------------------------
 
@@ -189,7 +198,8 @@ class OperationService:
         """Uncordon the host and stop its running drain (moves under way finish)."""
         running = await self._running("drain", name)
         if running is not None:
-            await self.cancel(running.id)
+            with contextlib.suppress(Conflict):  # it ended meanwhile
+                await self.cancel(running.id)
         return await self.cordon(name, False)
 
     async def _running(self, action: str, target: str) -> Task | None:
@@ -228,17 +238,24 @@ class OperationService:
     # -- cancel ------------------------------------------------------------------------------
 
     async def cancel(self, task_id: str) -> Task:
-        """Ask the loop running a drain or rebalance to stop starting moves (409 for tasks
-        that cannot stop part-way; a finished task is returned as it is)."""
+        """``POST /tasks/{id}/cancel`` for every task that can stop part-way: a migration
+        rolls back (the guest stays on its source), a drain or a rebalance starts no further
+        moves (moves under way finish). 409 for a task that ended or cannot stop part-way."""
+        task = await self.ctx.objects.get(Task, task_id)
+        if task.final:
+            raise Conflict(f"task {task_id} already ended ({task.status.state})")
+        if task.spec.action not in CANCELLABLE:
+            raise Conflict(
+                f"task {task_id} ({task.spec.action}) cannot be cancelled part-way; "
+                f"cancellable: {', '.join(sorted(CANCELLABLE))} (a start or stop is undone by "
+                "the opposite action)"
+            )
+        if task.spec.action == "migrate":
+            return await self.migrations.cancel(task_id)
 
         def change(task: Task) -> Task | None:
             if task.final or task.cancel_requested:
                 return None
-            if task.spec.action not in CANCELLABLE:
-                raise Conflict(
-                    f"task {task_id} ({task.spec.action}) cannot be cancelled part-way; "
-                    f"cancellable: {', '.join(sorted(CANCELLABLE))}"
-                )
             task.cancel_requested = True
             return task
 

@@ -23,7 +23,17 @@ from corral.control.placement import (
     vm_request,
 )
 from corral.errors import NotFound, ValidationFailed
-from corral.model import ClusterConfig, ClusterInfo, Group, Node, Pool, Vm, VmCreate, Volume
+from corral.model import (
+    ClusterConfig,
+    ClusterInfo,
+    Group,
+    Migration,
+    Node,
+    Pool,
+    Vm,
+    VmCreate,
+    Volume,
+)
 from corral.model.common import new_id, utcnow
 from corral.model.vm import VmStatus
 from corral.scheduler import Scheduler, Snapshot, imbalance, plan_moves
@@ -77,6 +87,7 @@ class PlacementService:
         groups, _ = await objects.all(Group)
         volumes, _ = await objects.all(Volume)
         pools, _ = await objects.all(Pool)
+        migrations, _ = await objects.all(Migration)
         records, _ = await self.ctx.store.list_all(keys.ALLOC_PREFIX)
         kv = await self.ctx.store.get(keys.CLUSTER)
         config = decode("cluster", kv.value, ClusterInfo).config if kv else ClusterConfig()
@@ -98,6 +109,7 @@ class PlacementService:
             cpu_allocation_ratio=self.ratios[0],
             memory_allocation_ratio=self.ratios[1],
             pin=view.pin,
+            migrations=migrations,
         )
         return view
 

@@ -223,6 +223,32 @@ class FakeDriver:
         self._set(replace(vm, state="stopped", started_at=None, message=message))
         self._notify(name)
 
+    # -- live migration (``fake_migration.FakeMigrator``) ----------------------------------
+
+    def receive(
+        self,
+        name: str,
+        *,
+        state: RuntimeState,
+        started_at: datetime | None,
+        spec: VmSpec,
+        extra: dict[str, str],
+    ) -> DriverVm:
+        """A migrated guest arrived: the defined VM runs here from now on, with the source's
+        ``started_at`` (the same boot, not a restart). Raises DriverError when it already
+        runs."""
+        vm = self._get(name)
+        if vm.state in ("running", "paused"):
+            raise DriverError(f"fake driver: vm {name} already runs here")
+        new = replace(vm, state=state, started_at=started_at, spec=spec, extra=extra, message="")
+        return self._set(new)
+
+    def migrated_away(self, name: str, target: str) -> DriverVm:
+        """The guest runs on ``target`` now: the copy here is stopped (never resumed)."""
+        vm = self._get(name)
+        message = f"migrated to {target}"
+        return self._set(replace(vm, state="stopped", started_at=None, message=message))
+
     def _notify(self, name: str) -> None:
         for callback in self._watchers:
             callback(name)

@@ -143,12 +143,17 @@ def create_app(services: ApiServices) -> FastAPI:
         meta=_meta,
     )
 
-    add_migration_routes(
-        app,
-        services.migrations or MigrationService(services.vms.ctx),
-        finish,
-        _meta,
+    migrations = services.migrations or MigrationService(services.vms.ctx, services.placement)
+    add_migration_routes(app, migrations, finish, _meta)
+    operations = services.operations or OperationService(
+        services.vms.ctx, migrations.placement, migrations
     )
+
+    @app.post("/api/v1/tasks/{task_id}/cancel", tags=["tasks"], status_code=202)
+    async def cancel_task(task_id: Annotated[str, Path(max_length=64)]) -> JSONResponse:
+        """Cancel a task that can stop part-way: a migration rolls back (the guest stays on its
+        source); a drain or a rebalance starts no further moves (moves under way finish)."""
+        return render.one(await operations.cancel(task_id), 202)
 
     if services.placement and services.groups and services.operations:
         add_placement_routes(

@@ -1,5 +1,6 @@
 """REST routes of live migration: ``POST /api/v1/vms/{name}/migrate`` and
-``POST /api/v1/tasks/{id}/cancel``, and ``GET /api/v1/migrations/{vm}`` (the record)."""
+``GET /api/v1/migrations/{vm}`` (the record). ``POST /api/v1/tasks/{id}/cancel`` (one route
+for migrations, drains and rebalances) is in ``app.py``."""
 
 from __future__ import annotations
 
@@ -56,8 +57,3 @@ def add_migration_routes(
     ) -> JSONResponse:
         """The VM's current (or last) migration: phase, both hosts' reports."""
         return render.one(await migrations.ctx.objects.get(Migration, name))
-
-    @app.post("/api/v1/tasks/{task_id}/cancel", tags=["tasks"])
-    async def cancel_task(task_id: Annotated[str, Path(max_length=64)]) -> JSONResponse:
-        """Ask for a running task to be cancelled (migrations: the guest stays on the source)."""
-        return render.one(await migrations.cancel(task_id), 202)

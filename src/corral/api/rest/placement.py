@@ -1,5 +1,5 @@
 """REST routes of placement: vm why, capacity, groups, node cordon / maintenance / drain,
-cluster rebalance and task cancel."""
+cluster rebalance (task cancel is in app.py)."""
 
 from __future__ import annotations
 
@@ -144,8 +144,3 @@ def add_placement_routes(
         plan, task = await operations.rebalance(body, meta, dry_run=dry_run)
         data: dict[str, Any] = {"plan": plan, "task": render.obj(task) if task else None}
         return JSONResponse(data, 202 if task is not None else 200)
-
-    @app.post("/api/v1/tasks/{task_id}/cancel", tags=["tasks"])
-    async def cancel_task(task_id: Annotated[str, Path(max_length=64)]) -> JSONResponse:
-        """Stop a drain or rebalance: no further moves start; moves under way finish."""
-        return render.one(await operations.cancel(task_id))
