@@ -125,6 +125,12 @@ class FakeMigrator:
         if server is not None:
             server.close()
 
+    def close(self) -> None:
+        """Stop listening (an agent that stops; tests)."""
+        for server in self._servers.values():
+            server.close()
+        self._servers.clear()
+
     # -- target -------------------------------------------------------------------------------
 
     async def start_incoming(self, name: str, inc: IncomingMigration, host: str) -> MigrationReport:
