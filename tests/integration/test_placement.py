@@ -31,7 +31,11 @@ CPU = "cpu_allocation_ratio"
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, AgentProcess]]:
     base = tmp_path_factory.mktemp("placement")
     agents: dict[str, AgentProcess] = {}
-    env = {"CORRAL_FAKE_START_DELAY_S": "0.05", "CORRAL_FAKE_STOP_DELAY_S": "0.05"}
+    env = {
+        "CORRAL_FAKE_START_DELAY_S": "0.05",
+        "CORRAL_FAKE_STOP_DELAY_S": "0.05",
+        "CORRAL_FAKE_MIGRATE_DELAY_S": "0.3",
+    }
     try:
         n1 = AgentProcess(
             base / "n1", name="n1", bind="127.0.0.1", env=env, extra_args=["--label", "zone=z1"]
@@ -290,7 +294,10 @@ def test_drain_moves_every_vm_with_progress_and_cancel_stops_it(clean: AgentProc
             30,
             "10 running vms on n1",
         )
-        assert {v["status"]["node"] for v in vms(n1).values()} == {"n1"}
+        before = vms(n1)
+        assert {v["status"]["node"] for v in before.values()} == {"n1"}
+        booted = {n: v["status"]["started_at"] for n, v in before.items()}
+        assert all(booted.values())
         for n in ("n2", "n3"):
             c.post(f"/api/v1/nodes/{n}/uncordon")
 
@@ -310,7 +317,7 @@ def test_drain_moves_every_vm_with_progress_and_cancel_stops_it(clean: AgentProc
 
         wait_for(some_moved, 30, "a third of the drain done", poll_s=0.05)
         r = c.post(f"/api/v1/tasks/{task_id}/cancel")
-        assert r.status_code == 200 and r.json()["cancel_requested"] is True
+        assert r.status_code == 202 and r.json()["cancel_requested"] is True
         task = c.get(f"/api/v1/tasks/{task_id}", params={"wait": "true", "timeout": 30}).json()
         assert task["status"]["state"] == "cancelled", task["status"]
         moved = [
@@ -337,6 +344,19 @@ def test_drain_moves_every_vm_with_progress_and_cancel_stops_it(clean: AgentProc
             30,
             "all running after the drain",
         )
+        # Every VM moved live: the same boot (started_at) on its new host, none restarted.
+        after = vms(n1)
+        assert {n: v["status"]["started_at"] for n, v in after.items()} == booted
+        moves = task["status"]["result"]["moves"]
+        assert all(m["handle"].startswith("live:") for m in moves.values()), moves
+        # The allocation records (what capacity counts) match the VMs on each host.
+        cap = c.get("/api/v1/capacity", params={"vcpus": 1, "memory_mib": 64}).json()
+        used = {row["node"]: row["memory_mib"]["used"] for row in cap["nodes"]}
+        for node in NODES:
+            here = sum(
+                v["spec"]["memory_mib"] for v in after.values() if v["status"]["node"] == node
+            )
+            assert used[node] == here, (node, used, here)
         # Maintenance needs an empty host: n1 now is.
         assert c.post("/api/v1/nodes/n1/maintenance/on").status_code == 200
         assert c.post("/api/v1/nodes/n2/maintenance/on").status_code == 409
