@@ -167,10 +167,11 @@ class VmLoop:
             await self.ctx.commit([Delete(keys.assign_key(node, vm.name))])
             return Outcome(f"asking node {node} to remove vm {vm.name}")
         seen = vm.status.observed_epoch
-        if seen is not None and seen < vm.status.epoch:
-            # The host never reported this placement (e.g. moved there, then deleted before it
-            # started): it will never report it gone. Its assignment is gone, so its agent
-            # drops the VM if it had received it after all.
+        never = vm.status.started_at is None and vm.status.observed_generation == 0
+        if (seen is not None and seen < vm.status.epoch) or (seen is None and never):
+            # The host never reported this placement (moved or placed there, then deleted
+            # before it reported): it will never report it gone. Its assignment is gone, so its
+            # agent drops the VM if it had received it after all.
             await self.ctx.commit(
                 [Objects.delete(Vm, vm.name), Delete(keys.placement_key(vm.name))],
                 [Objects.expect_unchanged(vm)],

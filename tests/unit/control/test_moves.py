@@ -13,6 +13,7 @@ from corral.control.informer import Informer
 from corral.control.migrations import MigrationLoop, migration_records, progress_step
 from corral.control.operations import LiveMover, RelocatingMover
 from corral.control.placement import Allocation
+from corral.control.vms import VmLoop
 from corral.errors import Conflict
 from corral.model import Migration, Node, Vm, VmSpec, VmStatus, utcnow
 from corral.model.migration import MigrationOptions, MigrationReport
@@ -212,7 +213,7 @@ async def test_a_vm_being_deleted_is_never_moved() -> None:
 async def _migration(ctx: LeaderContext, phase: str) -> Migration:
     vm = ctx.vm("web-1")
     assert vm is not None
-    m, task, ops, expect = migration_records(
+    m, task, _, _ = migration_records(
         vm, "n2", MigrationOptions(), [], "test", None, actor="t"
     )
     m.status.phase = phase  # type: ignore[assignment]
@@ -265,3 +266,28 @@ async def test_cordoned_target_is_refused_at_prepare() -> None:
     after = ctx.migration("web-1")
     assert after is not None and after.status.phase == "failed"
     assert after.status.message == "target host n2 is cordoned"
+
+
+@pytest.mark.parametrize(
+    ("observed_epoch", "started", "forgotten"),
+    [
+        (2, False, True),  # moved to n1 at epoch 3; n1 only ever saw epoch 2 (on its old host)
+        (None, False, True),  # placed, deleted before any host reported it
+        (3, True, False),  # n1 runs it: wait for n1 to report it gone
+        (None, True, False),  # reported before epochs were recorded: wait as before
+    ],
+)
+async def test_delete_forgets_a_vm_its_host_never_reported(
+    observed_epoch: int | None, started: bool, forgotten: bool
+) -> None:
+    vm = _vm(deleting=True)
+    vm.status.observed_epoch = observed_epoch
+    if started:
+        vm.status.started_at = utcnow()
+        vm.status.observed_generation = 1
+    ctx = await _cluster(vm)
+    loop = VmLoop(ctx, placer=None)  # type: ignore[arg-type]
+
+    await loop.reconcile("web-1")
+
+    assert (ctx.vm("web-1") is None) == forgotten
