@@ -213,9 +213,7 @@ async def test_a_vm_being_deleted_is_never_moved() -> None:
 async def _migration(ctx: LeaderContext, phase: str) -> Migration:
     vm = ctx.vm("web-1")
     assert vm is not None
-    m, task, _, _ = migration_records(
-        vm, "n2", MigrationOptions(), [], "test", None, actor="t"
-    )
+    m, task, _, _ = migration_records(vm, "n2", MigrationOptions(), [], "test", None, actor="t")
     m.status.phase = phase  # type: ignore[assignment]
     await ctx.commit([Objects.put(m), Objects.put(task)])
     found = ctx.migration("web-1")
