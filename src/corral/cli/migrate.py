@@ -13,6 +13,7 @@ from corral.cli.context import get_state
 from corral.cli.params import OutputOpt, TimeoutOpt, WaitOpt, parse_memory
 from corral.cli.render import cell, dig, emit, kv_view, print_json, short_id
 from corral.cli.task import resolve_task
+from corral.cli.vm import plan_table
 from corral.cli.waiting import finish_action
 from corral.client import ApiObject, NotFound
 
@@ -127,6 +128,8 @@ def attach_migrate_commands(vm_app: typer.Typer, task_app: typer.Typer) -> None:
                     ]
                 ),
             )
+            if plan.get("placement"):
+                emit(state.out, plan_table(plan["placement"]))
             return
 
         def refresh() -> ApiObject | None:
