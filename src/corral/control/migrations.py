@@ -311,6 +311,7 @@ class MigrationLoop:
                     accel=m.spec.accel,
                     qemu_version=m.spec.qemu_version,
                     local_volumes=list(m.spec.local_volumes),
+                    started_at=vm.status.started_at,
                 ),
             }
         )

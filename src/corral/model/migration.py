@@ -119,6 +119,8 @@ class IncomingMigration(BaseModel):
     qemu_version: str | None = None
     # Volumes on host-local pools: the target exports blank copies over NBD.
     local_volumes: list[str] = Field(default_factory=list)
+    # When the guest booted (on the source): the target keeps it (a migration is no reboot).
+    started_at: datetime | None = None
 
 
 class OutgoingMigration(BaseModel):

@@ -194,7 +194,7 @@ class QemuMigrator:
             name,
             power="running",
             pid=pid,
-            started_at=datetime.now(UTC),
+            started_at=inc.started_at or datetime.now(UTC),  # the guest's boot, not ours
             accel=accel,
             qemu_version=version,
             stop_message="",
