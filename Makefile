@@ -58,6 +58,7 @@ bench: deps venv
 	$(PY) -m bench.api_create
 	$(PY) -m bench.vm_start
 	$(PY) -m bench.scheduler
+	$(PY) -m bench.migrate
 
 clean:
 	rm -rf $(VENV) .corral .cluster .mypy_cache .ruff_cache .pytest_cache

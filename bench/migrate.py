@@ -2,12 +2,12 @@
 
 Two ``QemuDriver`` state directories stand for two hosts (source on 127.0.0.1, target on
 127.0.0.2); the same ``QemuMigrator`` code the agents run moves a 256 MiB guest between them,
-``--runs`` times (default 5) for an idle guest and for a guest dirtying memory (it rewrites a
-48 MiB pattern on its disk in a loop, which keeps dirtying its page cache). The console gap is
+``--runs`` times (default 5) for an idle guest and for a guest dirtying memory (the test guest's
+``dirty-memory 64`` rewrites 64 MiB of RAM with random bytes in a loop). The console gap is
 the longest time between two heartbeat lines (printed every second) as read from the two
 console logs, minus the one-second period.
 
-    PYTHONPATH=src python bench/migrate.py [--runs 5]
+    .venv/bin/python -m bench.migrate [--runs 5]   (or `make bench`)
 """
 
 from __future__ import annotations
@@ -69,8 +69,7 @@ async def one_run(run: int, dirty: bool, base: Path) -> tuple[float, int, float]
     writer = None
     if dirty:
         _, writer = await asyncio.open_unix_connection(str(src.console_socket_path(name)))
-        for _ in range(20):
-            writer.write(b"write-pattern /dev/vda 0x33 48\n")
+        writer.write(b"dirty-memory 64\n")
         await writer.drain()
         await asyncio.sleep(2)
     stamps: list[float] = []

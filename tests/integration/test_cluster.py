@@ -209,3 +209,35 @@ def test_a_frozen_host_goes_down_and_comes_back(cluster: dict[str, AgentProcess]
         for pid in frozen:
             os.kill(pid, signal.SIGCONT)
     wait_for(lambda: node_states(n1)["c1"] == "ready", 30, "c1 ready again")
+
+
+def test_a_dead_server_is_replaced_by_promoting_a_standby(make_agent: MakeAgent) -> None:
+    """3 voters and a learner standby; a voter's host dies for good: after the grace period its
+    member is removed and the standby promoted, and the cluster keeps taking writes."""
+    grace = ["--server-dead-grace-s", "5"]
+    n1 = make_agent("n1", bind="127.0.0.1", extra_args=[*FAST, *grace]).start()
+    t = token(n1, uses=5)
+    agents = {"n1": n1}
+    for i in (2, 3, 4):
+        a = make_agent(f"n{i}", bind=f"127.0.0.{i}", extra_args=[*FAST, *n1.join_args(t)])
+        a.start(bootstrap=False, timeout_s=120)
+        agents[f"n{i}"] = a
+        if i < 4:
+            wait_for(
+                lambda i=i: members(n1) == {f"n{k}": "voter" for k in range(1, i + 1)},
+                90,
+                f"n{i} promoted",
+            )
+    # desired_voters=3 reached: n4 stays a learner, a standby ready to take over.
+    wait_for(lambda: node_states(n1).get("n4") == "ready", 60, "n4 ready")
+    time.sleep(3)
+    assert members(n1) == {"n1": "voter", "n2": "voter", "n3": "voter", "n4": "learner"}
+
+    agents["n3"].kill()
+    wait_for(
+        lambda: members(n1) == {"n1": "voter", "n2": "voter", "n4": "voter"},
+        120,
+        "n3's member removed and the standby n4 promoted",
+    )
+    r = httpx.post(n1.url + "/api/v1/vms", json={"name": "after-1"}, timeout=30)
+    assert r.status_code == 202, r.text

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import shutil
@@ -72,6 +73,22 @@ class EtcdConfig:
     @property
     def member_dir(self) -> Path:
         return self.data_dir / "etcd"
+
+
+def _last_error(log_path: Path) -> str:
+    """The last error etcd logged (its JSON ``msg`` and ``error``), else its last line."""
+    try:
+        lines = log_path.read_text(errors="replace").splitlines()[-50:]
+    except OSError:
+        return "no log"
+    for line in reversed(lines):
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(entry, dict) and entry.get("level") in ("error", "fatal", "panic"):
+            return f"{entry.get('msg', '')}: {entry.get('error', '')}".strip(": ")
+    return lines[-1][:300] if lines else "empty log"
 
 
 class EtcdSupervisor:
@@ -186,7 +203,8 @@ class EtcdSupervisor:
             timeout_s,
             poll_s=0.1,
             exited=lambda code: RuntimeError(
-                f"etcd exited with code {code} during start; see {log_path}"
+                f"etcd exited with code {code} during start: {_last_error(log_path)} "
+                f"(whole log: {log_path})"
             ),
             timed_out=lambda: RuntimeError(
                 f"etcd did not become healthy within {timeout_s:.0f}s at "
