@@ -14,8 +14,8 @@ from corral.cli.params import OutputOpt, TimeoutOpt, WaitOpt, parse_memory
 from corral.cli.render import cell, dig, emit, kv_view, print_json, short_id
 from corral.cli.task import resolve_task
 from corral.cli.vm import plan_table
-from corral.cli.waiting import finish_action
-from corral.client import ApiObject, NotFound
+from corral.cli.waiting import finish_action, vm_refresher
+from corral.client import ApiObject
 
 __all__ = ["attach_migrate_commands", "parse_duration_ms"]
 
@@ -132,19 +132,13 @@ def attach_migrate_commands(vm_app: typer.Typer, task_app: typer.Typer) -> None:
                 emit(state.out, plan_table(plan["placement"]))
             return
 
-        def refresh() -> ApiObject | None:
-            try:
-                return client.get_vm(name)
-            except NotFound:
-                return None
-
         finish_action(
             state,
             client.migrate_vm(name, body),
             wait=wait,
             timeout=timeout,
             json_output=state.wants_json(output),
-            refresh=refresh,
+            refresh=vm_refresher(state, name),
             success=_migrated_line(name),
             accepted=f"migration of vm {name} accepted",
         )

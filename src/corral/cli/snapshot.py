@@ -9,7 +9,7 @@ import typer
 from corral.cli.context import CliState, get_state
 from corral.cli.params import LabelsOpt, OutputOpt, TimeoutOpt, WaitOpt, parse_labels
 from corral.cli.render import cell, dig, emit, fmt_age, new_table, print_json
-from corral.cli.waiting import finish_action
+from corral.cli.waiting import finish_action, vm_refresher
 from corral.client import ApiObject, NotFound
 
 __all__ = ["add_snapshot_commands", "snapshot_app"]
@@ -170,12 +170,6 @@ def finish_new_vm(
 ) -> None:
     """Wait for a cloned or instantiated VM's create task; print where it is."""
 
-    def refresh() -> ApiObject | None:
-        try:
-            return state.client().get_vm(name)
-        except NotFound:
-            return None
-
     def describe(obj: ApiObject | None, task: ApiObject | None) -> str:
         st = dig(obj or {}, "status", "state")
         node = dig(obj or {}, "status", "node")
@@ -188,7 +182,7 @@ def finish_new_vm(
         wait=wait,
         timeout=timeout,
         json_output=state.wants_json(output),
-        refresh=refresh,
+        refresh=vm_refresher(state, name),
         success=describe,
         accepted=f"vm {name} accepted",
     )

@@ -26,8 +26,8 @@ from corral.cli.render import (
     print_json,
     state_cell,
 )
-from corral.cli.waiting import finish_action
-from corral.client import ApiObject, CorralError, NotFound
+from corral.cli.waiting import finish_action, vm_refresher
+from corral.client import ApiObject, CorralError
 
 __all__ = ["attach_disk_commands", "image_app", "parse_gib", "pool_app", "volume_app"]
 
@@ -514,12 +514,6 @@ def image_delete(ctx: typer.Context, name: NameArg, output: OutputOpt = None) ->
 def _disk_finish(
     state: CliState, result: Any, vm: str, verb: str, wait: bool, timeout: float | None, output: Any
 ) -> None:
-    def refresh() -> ApiObject | None:
-        try:
-            return state.client().get_vm(vm)
-        except NotFound:
-            return None
-
     def describe(obj: ApiObject | None, task: ApiObject | None) -> str:
         disks = [d.get("volume") for d in (dig(obj or {}, "spec", "disks") or [])]
         return f"vm {vm} disks: {', '.join(str(d) for d in disks) or 'none'}"
@@ -530,7 +524,7 @@ def _disk_finish(
         wait=wait,
         timeout=timeout,
         json_output=state.wants_json(output),
-        refresh=refresh,
+        refresh=vm_refresher(state, vm),
         success=describe,
         accepted=f"{verb} on vm {vm} accepted",
     )

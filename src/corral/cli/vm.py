@@ -35,8 +35,8 @@ from corral.cli.render import (
     state_cell,
 )
 from corral.cli.storage import parse_gib
-from corral.cli.waiting import finish_action
-from corral.client import ActionResult, ApiObject, NotFound
+from corral.cli.waiting import finish_action, vm_refresher
+from corral.client import ActionResult, ApiObject
 
 __all__ = ["vm_app"]
 
@@ -101,16 +101,6 @@ def _vm_line(name: str) -> Callable[[ApiObject | None, ApiObject | None], str]:
     return describe
 
 
-def _refresher(state: CliState, name: str) -> Callable[[], ApiObject | None]:
-    def refresh() -> ApiObject | None:
-        try:
-            return state.client().get_vm(name)
-        except NotFound:
-            return None
-
-    return refresh
-
-
 def _finish(
     state: CliState,
     result: ActionResult,
@@ -127,7 +117,7 @@ def _finish(
         wait=wait,
         timeout=timeout,
         json_output=state.wants_json(output),
-        refresh=_refresher(state, name),
+        refresh=vm_refresher(state, name),
         success=_vm_line(name),
         accepted=f"{verb} of vm {name} accepted",
     )
@@ -670,7 +660,7 @@ def vm_delete(
         wait=wait,
         timeout=timeout,
         json_output=state.wants_json(output),
-        refresh=_refresher(state, name),
+        refresh=vm_refresher(state, name),
         success=deleted,
         accepted=f"delete of vm {name} accepted",
     )

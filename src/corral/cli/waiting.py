@@ -26,12 +26,20 @@ from rich.progress import (
 
 from corral.cli.context import CliState
 from corral.cli.render import dig, print_json, short_id
-from corral.client import TASK_FINAL_STATES, ActionResult, ApiObject, TaskWaitTimeout, task_state
+from corral.client import (
+    TASK_FINAL_STATES,
+    ActionResult,
+    ApiObject,
+    NotFound,
+    TaskWaitTimeout,
+    task_state,
+)
 
 __all__ = [
     "describe_task",
     "finish_action",
     "report_task_failure",
+    "vm_refresher",
     "wait_with_progress",
 ]
 
@@ -200,3 +208,15 @@ def finish_action(
         raise typer.Exit(1)
     if not json_output:
         typer.echo(success(obj, final))
+
+
+def vm_refresher(state: CliState, name: str) -> Callable[[], ApiObject | None]:
+    """Reads VM ``name`` again for ``finish_action`` (None once it is gone)."""
+
+    def refresh() -> ApiObject | None:
+        try:
+            return state.client().get_vm(name)
+        except NotFound:
+            return None
+
+    return refresh
