@@ -300,3 +300,39 @@ def test_a_guest_killed_from_outside_follows_its_restart_policy(
         out = cli(qemu_agent, "vm", "start", "crash-1", "--timeout", "90")
         assert out.startswith("vm crash-1 running on n1"), out
         assert alive(int(state(c, "crash-1")["status"]["runtime"]["qemu.pid"]))
+
+
+def test_guests_outlive_a_killed_agent_and_the_next_one_adopts_them(
+    qemu_agent: AgentProcess,
+) -> None:
+    """SIGKILL the agent (and with it its etcd) while two guests run; start it again: the
+    same QEMU processes run them, reported running, with their boot time unchanged."""
+    before: dict[str, tuple[int, str]] = {}
+    with qemu_agent.client(timeout=120) as c:
+        for name in ("keep-1", "keep-2"):
+            r = c.post(
+                "/api/v1/vms",
+                params={"wait": "true", "timeout": "90"},
+                json={"name": name, "memory_mib": 128},
+            )
+            assert r.status_code == 200 and r.json()["object"]["status"]["state"] == "running"
+            vm = r.json()["object"]
+            before[name] = (int(vm["status"]["runtime"]["qemu.pid"]), vm["status"]["started_at"])
+    qemu_agent.kill()
+    for pid, _ in before.values():
+        assert alive(pid), "a guest died with its agent"
+    qemu_agent.start(bootstrap=False, timeout_s=90)
+    with qemu_agent.client(timeout=60) as c:
+        for name, (pid, started_at) in before.items():
+            vm = wait_for(
+                lambda name=name: (
+                    (v := c.get(f"/api/v1/vms/{name}").json())["status"]["state"] == "running"
+                    and v["status"]["runtime"].get("qemu.pid")
+                    and v
+                ),
+                60,
+                f"{name} reported running by the new agent",
+            )
+            assert int(vm["status"]["runtime"]["qemu.pid"]) == pid
+            assert vm["status"]["started_at"] == started_at
+            assert alive(pid)
