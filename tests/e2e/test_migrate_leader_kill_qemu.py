@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import shutil
 import signal
 import tempfile
@@ -32,6 +33,7 @@ pytestmark = pytest.mark.timeout(600)
 
 NAME = "lk-guest"
 FINAL = ("succeeded", "failed", "cancelled")
+_SENT = re.compile(r"transferring memory: (\d+) MiB sent")
 
 
 def members(agent: AgentProcess) -> dict[str, str]:
@@ -137,7 +139,7 @@ async def test_leader_killed_mid_migration(three: dict[str, Any]) -> None:
     await con.wait_booted(timeout_s=120)
     await con.wait_heartbeat(3, timeout_s=60)
     # Memory rewritten all along and a 2 MiB/s link: RAM takes a while to converge.
-    assert await con.command("dirty-memory 16", timeout_s=60) == "dirtying 16 MiB"
+    await con.command("dirty-memory 16", expect="dirtying 16 MiB", timeout_s=60)
     before = beats(con.log.read_text())
     assert list(guest_qemus(data, NAME).values()) == ["n2"]
 
@@ -150,14 +152,14 @@ async def test_leader_killed_mid_migration(three: dict[str, Any]) -> None:
             120,
             "the transfer to start",
         )
-        wait_for(
-            lambda: (
-                "transferring memory" in c.get(f"/api/v1/tasks/{task_id}").json()["status"]["step"]
-            ),
-            60,
-            "RAM on the wire",
-            poll_s=0.1,
-        )
+
+        def sent_mib() -> int:
+            step = c.get(f"/api/v1/tasks/{task_id}").json()["status"]["step"]
+            m = _SENT.search(step)
+            return int(m.group(1)) if m else -1
+
+        # Mid-way: RAM on the wire, some of it sent.
+        wait_for(lambda: sent_mib() >= 4, 120, "4 MiB of RAM sent", poll_s=0.1)
         step = c.get(f"/api/v1/tasks/{task_id}").json()["status"]["step"]
         print(f"\nkilling the leader n1 during: {step}")
         killed_at = time.monotonic()
@@ -167,6 +169,7 @@ async def test_leader_killed_mid_migration(three: dict[str, Any]) -> None:
             lambda: (who := leader_of(n2)) not in (None, "n1") and who, 60, "a new leader"
         )
         took_leader = time.monotonic() - killed_at
+        assert elected in ("n2", "n3")
 
         def ended() -> dict[str, Any] | None:
             m: dict[str, Any] = c.get(f"/api/v1/migrations/{NAME}").json()
