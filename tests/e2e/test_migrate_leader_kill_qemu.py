@@ -117,7 +117,10 @@ def guest_qemus(data: Path, name: str) -> dict[int, str]:
     return found
 
 
-async def test_leader_killed_mid_migration(three: dict[str, Any]) -> None:
+@pytest.mark.parametrize("then", ["carry-on", "cancel"])
+async def test_leader_killed_mid_migration(three: dict[str, Any], then: str) -> None:
+    """``carry-on``: nobody touches the migration after the kill; ``cancel``: the user cancels
+    it once the new leader is in charge, which must then roll it back (guest stays on n2)."""
     n1: AgentProcess = three["n1"]
     n2: AgentProcess = three["n2"]
     data: Path = three["data"]
@@ -170,6 +173,9 @@ async def test_leader_killed_mid_migration(three: dict[str, Any]) -> None:
         )
         took_leader = time.monotonic() - killed_at
         assert elected in ("n2", "n3")
+        if then == "cancel":
+            assert c.get(f"/api/v1/migrations/{NAME}").json()["status"]["phase"] == "migrating"
+            assert "cancel of task" in cli(n2, "task", "cancel", task_id)
 
         def ended() -> dict[str, Any] | None:
             m: dict[str, Any] = c.get(f"/api/v1/migrations/{NAME}").json()
@@ -178,6 +184,8 @@ async def test_leader_killed_mid_migration(three: dict[str, Any]) -> None:
         migration = wait_for(ended, 240, "the migration to end under the new leader", poll_s=0.5)
         took_end = time.monotonic() - killed_at
         phase = migration["status"]["phase"]
+        if then == "cancel":
+            assert phase == "cancelled", migration["status"]
         task = c.get(f"/api/v1/tasks/{task_id}").json()
         assert task["status"]["finished_at"], task["status"]
         expected_task = {"succeeded": "succeeded", "failed": "failed", "cancelled": "cancelled"}
