@@ -12,7 +12,8 @@ Run: ``make bench`` or ``.venv/bin/python -m bench.scheduler``.
 ``--e2e`` measures placements end to end instead: a 3-server cluster of real agents (fake
 driver, VMs start at once) on 127.0.0.1-3, ``--e2e-vms`` creates POSTed with 64 in flight spread
 over the three APIs, timed from the first POST until every VM has a node (placed) and until
-every VM runs. Target: >= 200 placements/s.
+every VM runs. Target: >= 200 placements/s. ``BENCH_PROFILE_DIR=dir`` cProfiles each agent
+(``dir/s1.prof`` ...; read with ``python -m pstats``).
 """
 
 from __future__ import annotations
@@ -173,6 +174,9 @@ def _agent(data: Path, name: str, ip: str, join: list[str]) -> tuple[subprocess.
             "CORRAL_LOG_LEVEL": os.environ.get("BENCH_LOG_LEVEL", "warning"),
         }
     )
+    if os.environ.get("BENCH_PROFILE_DIR"):
+        # cProfile each agent; <dir>/<name>.prof is written when the agent stops.
+        env["CORRAL_PROFILE_DIR"] = os.environ["BENCH_PROFILE_DIR"]
     ports = [str(free_port(ip)) for _ in range(5)]
     cmd = [
         sys.executable, "-m", "corral", "agent", "--name", name, "--bind", ip,

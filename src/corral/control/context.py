@@ -116,8 +116,13 @@ class LeaderContext:
 
     def _get(self, model: type[ObjT], name: str) -> ObjT | None:
         """A private copy of one object, free to change and commit."""
+        shared = self.peek(model, name)
+        return None if shared is None else shared.model_copy(deep=True)
+
+    def peek(self, model: type[ObjT], name: str) -> ObjT | None:
+        """One object as cached, read-only (shared: never change it; copy it to commit)."""
         kv = self.informer.get(Objects.key(model, name))
-        return None if kv is None else self._decoded(model, kv).model_copy(deep=True)
+        return None if kv is None else self._decoded(model, kv)
 
     def vm(self, name: str) -> Vm | None:
         return self._get(Vm, name)

@@ -18,7 +18,7 @@ from corral.control.tasks import TaskLoop
 from corral.control.vms import VmLoop
 from corral.control.volumes import VolumeLoop
 from corral.errors import CorralError
-from corral.model import IdempotencyRecord, utcnow
+from corral.model import IdempotencyRecord, Task, Volume, utcnow
 from corral.state import Delete, Store, keys
 from corral.state.codec import CodecError, decode
 
@@ -93,7 +93,7 @@ class LeaderLoops:
             kv = self.informer.get(key)
             if kv is None:
                 return
-            task = self.ctx.task(task_id)
+            task = self.ctx.peek(Task, task_id)
             if task is not None and task.spec.action in OPERATION_ACTIONS:
                 if not task.final:
                     self.operations.add(task_id)
@@ -119,7 +119,7 @@ class LeaderLoops:
             name = keys.name_from_key(key)
             self.volumes.add(name)
             # The VM using the volume: its assignment says whether the file exists already.
-            volume = self.ctx.volume(name)
+            volume = self.ctx.peek(Volume, name)
             if volume is not None and volume.status.attached_to:
                 self.vms.add(volume.status.attached_to)
 

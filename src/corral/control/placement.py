@@ -337,7 +337,7 @@ class PlanApplier:
         accepted: list[Placement] = []
         release = release or {}
         for p in placements:
-            node = nodes.get(p.node) or self.ctx.node(p.node)
+            node = nodes.get(p.node) or self.ctx.peek(Node, p.node)
             if node is None:
                 refused[p.vm.name] = f"node {p.node} is gone"
                 continue
@@ -356,7 +356,7 @@ class PlanApplier:
                 src = src.copy()
                 src.vms.pop(p.vm.name, None)
                 allocs[source] = src
-                src_node = nodes.get(source) or self.ctx.node(source)
+                src_node = nodes.get(source) or self.ctx.peek(Node, source)
                 if src_node is not None:
                     nodes[source] = src_node
             accepted.append(p)
@@ -451,11 +451,12 @@ class PlacementLoop:
             return await self._forget(key.removeprefix("forget/"))
         todo: list[Vm] = []
         for name in sorted(self.pending):
-            vm = self.ctx.vm(name)
-            if vm is None or vm.deleting or vm.status.node is not None:
+            shared = self.ctx.peek(Vm, name)
+            if shared is None or shared.deleting or shared.status.node is not None:
                 self.pending.discard(name)
                 continue
-            todo.append(vm)
+            # A private copy: the pass sets its status (scalars only) to commit it.
+            todo.append(shared.model_copy(update={"status": shared.status.model_copy()}))
         if not todo:
             return Outcome()
         todo.sort(key=lambda v: (-v.spec.priority, v.created_at, v.name))
