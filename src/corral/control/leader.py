@@ -12,7 +12,7 @@ from corral.control.membership import MembershipLoop
 from corral.control.migrations import MigrationLoop
 from corral.control.nodes import NodeHealthLoop
 from corral.control.operations import AUTO_KEY, OPERATION_ACTIONS, Mover, OperationLoop
-from corral.control.placement import AllocationLoop, PlacementLoop
+from corral.control.placement import Allocation, AllocationLoop, PlacementLoop
 from corral.control.queue import Outcome, WorkQueue
 from corral.control.tasks import TaskLoop
 from corral.control.vms import VmLoop
@@ -66,6 +66,8 @@ class LeaderLoops:
             else None
         )
         self._tasks_by_vm: dict[str, set[str]] = {}
+        # Host allocation records as last seen: host key -> vm -> (vCPUs, MiB).
+        self._allocs: dict[str, dict[str, tuple[int, int]]] = {}
         self.informer.subscribe(self._route)
 
     def _route(self, key: str) -> None:
@@ -111,7 +113,10 @@ class LeaderLoops:
             name = keys.name_from_key(key)
             self.migrations.add(name)
             self.vms.add(name)  # a migration that ended hands the VM back to the VM loop
-        elif key.startswith(keys.ALLOC_PREFIX) or key.startswith(_GROUPS) or key == keys.CLUSTER:
+        elif key.startswith(keys.ALLOC_PREFIX):
+            if self._alloc_freed(key):
+                self.placer.poke()
+        elif key.startswith(_GROUPS) or key == keys.CLUSTER:
             self.placer.poke()
         elif key.startswith(_ASSIGN):
             self.vms.add(keys.name_from_key(key))
@@ -122,6 +127,23 @@ class LeaderLoops:
             volume = self.ctx.peek(Volume, name)
             if volume is not None and volume.status.attached_to:
                 self.vms.add(volume.status.attached_to)
+
+    def _alloc_freed(self, key: str) -> bool:
+        """Whether a host's allocation record now holds less than before (a VM left or
+        shrank): only then can a VM that did not fit fit now. Placements only add to it."""
+        kv = self.informer.get(key)
+        now = Allocation.decode(kv).vms if kv is not None else {}
+        before = self._allocs.get(key)
+        if kv is None:
+            self._allocs.pop(key, None)
+        else:
+            self._allocs[key] = now
+        if before is None:
+            return kv is None
+        return any(
+            name not in now or now[name][0] < c or now[name][1] < m
+            for name, (c, m) in before.items()
+        )
 
     async def _expire_idempotency(self, _: str) -> Outcome:
         now = utcnow()
