@@ -18,7 +18,7 @@ from corral.control.tasks import TaskLoop
 from corral.control.vms import VmLoop
 from corral.control.volumes import VolumeLoop
 from corral.errors import CorralError
-from corral.model import IdempotencyRecord, Task, Volume, utcnow
+from corral.model import IdempotencyRecord, Node, Task, Volume, utcnow
 from corral.state import Delete, Store, keys
 from corral.state.codec import CodecError, decode
 
@@ -66,6 +66,8 @@ class LeaderLoops:
             else None
         )
         self._tasks_by_vm: dict[str, set[str]] = {}
+        # What placement read of each host record when last seen (spec, state, inventory).
+        self._node_views: dict[str, tuple[object, ...]] = {}
         # Host allocation records as last seen: host key -> vm -> (vCPUs, MiB).
         self._allocs: dict[str, dict[str, tuple[int, int]]] = {}
         self.informer.subscribe(self._route)
@@ -106,7 +108,11 @@ class LeaderLoops:
                 return
             self._tasks_by_vm.setdefault(task.spec.target.name, set()).add(task_id)
             self.tasks.add(task_id)
-        elif key.startswith(_NODES) or key.startswith(keys.LIVENESS_PREFIX):
+        elif key.startswith(_NODES):
+            self.nodes.add(keys.name_from_key(key))
+            if self._node_changed(key):
+                self.placer.poke()
+        elif key.startswith(keys.LIVENESS_PREFIX):
             self.nodes.add(keys.name_from_key(key))
             self.placer.poke()
         elif key.startswith(_MIGRATIONS):
@@ -127,6 +133,20 @@ class LeaderLoops:
             volume = self.ctx.peek(Volume, name)
             if volume is not None and volume.status.attached_to:
                 self.vms.add(volume.status.attached_to)
+
+    def _node_changed(self, key: str) -> bool:
+        """Whether what placement reads of a host changed (its spec, state or inventory),
+        not just its heartbeat or usage report: only then may a waiting VM fit now."""
+        kv = self.informer.get(key)
+        if kv is None:
+            self._node_views.pop(key, None)
+            return True
+        node = self.ctx.peek(Node, keys.name_from_key(key))
+        assert node is not None
+        view = (node.spec, node.status.state, node.status.inventory)
+        before = self._node_views.get(key)
+        self._node_views[key] = view
+        return before != view
 
     def _alloc_freed(self, key: str) -> bool:
         """Whether a host's allocation record now holds less than before (a VM left or
