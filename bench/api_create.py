@@ -34,6 +34,9 @@ def start_agent(data_dir: Path) -> tuple[subprocess.Popen[bytes], str]:
             "CORRAL_LOG_LEVEL": "warning",
         }
     )
+    if os.environ.get("BENCH_PROFILE_DIR"):
+        # cProfile the agent; <dir>/<name>.prof is written when it stops.
+        env["CORRAL_PROFILE_DIR"] = os.environ["BENCH_PROFILE_DIR"]
     cmd = [
         sys.executable,
         "-m",

@@ -40,6 +40,7 @@ class LeaderContext:
     term: int
     settings: ControlSettings
     _cache: dict[str, tuple[int, ObjectMeta]] = field(default_factory=dict)
+    _assignments: dict[str, tuple[int, Assignment]] = field(default_factory=dict)
     # What each placed VM takes, and the sums per node: kept up to date key by key so that a
     # placement does not walk every VM of the cluster.
     _taken: dict[str, tuple[str, int, int]] = field(default_factory=dict)
@@ -66,6 +67,7 @@ class LeaderContext:
     def forget(self, key: str) -> None:
         """Drop the decoded copy of a key that is gone."""
         self._cache.pop(key, None)
+        self._assignments.pop(key, None)
 
     def track(self, key: str) -> None:
         """Update the per-node usage after the VM at ``key`` changed (or went)."""
@@ -116,8 +118,13 @@ class LeaderContext:
 
     def _get(self, model: type[ObjT], name: str) -> ObjT | None:
         """A private copy of one object, free to change and commit."""
+        shared = self.peek(model, name)
+        return None if shared is None else shared.model_copy(deep=True)
+
+    def peek(self, model: type[ObjT], name: str) -> ObjT | None:
+        """One object as cached, read-only (shared: never change it; copy it to commit)."""
         kv = self.informer.get(Objects.key(model, name))
-        return None if kv is None else self._decoded(model, kv).model_copy(deep=True)
+        return None if kv is None else self._decoded(model, kv)
 
     def vm(self, name: str) -> Vm | None:
         return self._get(Vm, name)
@@ -149,10 +156,16 @@ class LeaderContext:
         return [self._decoded(model, kv) for kv in self.informer.under(prefix)]
 
     def assignment(self, node: str, vm: str) -> tuple[Assignment, KV] | None:
+        """The assignment as cached, decoded once per revision (read-only: copy to change)."""
         kv = self.informer.get(keys.assign_key(node, vm))
         if kv is None:
             return None
-        return decode("assignment", kv.value, Assignment), kv
+        hit = self._assignments.get(kv.key)
+        if hit is not None and hit[0] == kv.mod_revision:
+            return hit[1], kv
+        decoded = decode("assignment", kv.value, Assignment)
+        self._assignments[kv.key] = (kv.mod_revision, decoded)
+        return decoded, kv
 
     def has_liveness(self, node: str) -> bool:
         return self.informer.get(keys.liveness_key(node)) is not None

@@ -12,13 +12,13 @@ from corral.control.membership import MembershipLoop
 from corral.control.migrations import MigrationLoop
 from corral.control.nodes import NodeHealthLoop
 from corral.control.operations import AUTO_KEY, OPERATION_ACTIONS, Mover, OperationLoop
-from corral.control.placement import AllocationLoop, PlacementLoop
+from corral.control.placement import Allocation, AllocationLoop, PlacementLoop
 from corral.control.queue import Outcome, WorkQueue
 from corral.control.tasks import TaskLoop
 from corral.control.vms import VmLoop
 from corral.control.volumes import VolumeLoop
 from corral.errors import CorralError
-from corral.model import IdempotencyRecord, utcnow
+from corral.model import IdempotencyRecord, Node, Task, Volume, utcnow
 from corral.state import Delete, Store, keys
 from corral.state.codec import CodecError, decode
 
@@ -66,6 +66,10 @@ class LeaderLoops:
             else None
         )
         self._tasks_by_vm: dict[str, set[str]] = {}
+        # What placement read of each host record when last seen (spec, state, inventory).
+        self._node_views: dict[str, tuple[object, ...]] = {}
+        # Host allocation records as last seen: host key -> vm -> (vCPUs, MiB).
+        self._allocs: dict[str, dict[str, tuple[int, int]]] = {}
         self.informer.subscribe(self._route)
 
     def _route(self, key: str) -> None:
@@ -93,7 +97,7 @@ class LeaderLoops:
             kv = self.informer.get(key)
             if kv is None:
                 return
-            task = self.ctx.task(task_id)
+            task = self.ctx.peek(Task, task_id)
             if task is not None and task.spec.action in OPERATION_ACTIONS:
                 if not task.final:
                     self.operations.add(task_id)
@@ -104,14 +108,21 @@ class LeaderLoops:
                 return
             self._tasks_by_vm.setdefault(task.spec.target.name, set()).add(task_id)
             self.tasks.add(task_id)
-        elif key.startswith(_NODES) or key.startswith(keys.LIVENESS_PREFIX):
+        elif key.startswith(_NODES):
+            self.nodes.add(keys.name_from_key(key))
+            if self._node_changed(key):
+                self.placer.poke()
+        elif key.startswith(keys.LIVENESS_PREFIX):
             self.nodes.add(keys.name_from_key(key))
             self.placer.poke()
         elif key.startswith(_MIGRATIONS):
             name = keys.name_from_key(key)
             self.migrations.add(name)
             self.vms.add(name)  # a migration that ended hands the VM back to the VM loop
-        elif key.startswith(keys.ALLOC_PREFIX) or key.startswith(_GROUPS) or key == keys.CLUSTER:
+        elif key.startswith(keys.ALLOC_PREFIX):
+            if self._alloc_freed(key):
+                self.placer.poke()
+        elif key.startswith(_GROUPS) or key == keys.CLUSTER:
             self.placer.poke()
         elif key.startswith(_ASSIGN):
             self.vms.add(keys.name_from_key(key))
@@ -119,9 +130,40 @@ class LeaderLoops:
             name = keys.name_from_key(key)
             self.volumes.add(name)
             # The VM using the volume: its assignment says whether the file exists already.
-            volume = self.ctx.volume(name)
+            volume = self.ctx.peek(Volume, name)
             if volume is not None and volume.status.attached_to:
                 self.vms.add(volume.status.attached_to)
+
+    def _node_changed(self, key: str) -> bool:
+        """Whether what placement reads of a host changed (its spec, state or inventory),
+        not just its heartbeat or usage report: only then may a waiting VM fit now."""
+        kv = self.informer.get(key)
+        if kv is None:
+            self._node_views.pop(key, None)
+            return True
+        node = self.ctx.peek(Node, keys.name_from_key(key))
+        assert node is not None
+        view = (node.spec, node.status.state, node.status.inventory)
+        before = self._node_views.get(key)
+        self._node_views[key] = view
+        return before != view
+
+    def _alloc_freed(self, key: str) -> bool:
+        """Whether a host's allocation record now holds less than before (a VM left or
+        shrank): only then can a VM that did not fit fit now. Placements only add to it."""
+        kv = self.informer.get(key)
+        now = Allocation.decode(kv).vms if kv is not None else {}
+        before = self._allocs.get(key)
+        if kv is None:
+            self._allocs.pop(key, None)
+        else:
+            self._allocs[key] = now
+        if before is None:
+            return kv is None
+        return any(
+            name not in now or now[name][0] < c or now[name][1] < m
+            for name, (c, m) in before.items()
+        )
 
     async def _expire_idempotency(self, _: str) -> Outcome:
         now = utcnow()

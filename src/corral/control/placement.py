@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -337,7 +338,7 @@ class PlanApplier:
         accepted: list[Placement] = []
         release = release or {}
         for p in placements:
-            node = nodes.get(p.node) or self.ctx.node(p.node)
+            node = nodes.get(p.node) or self.ctx.peek(Node, p.node)
             if node is None:
                 refused[p.vm.name] = f"node {p.node} is gone"
                 continue
@@ -356,7 +357,7 @@ class PlanApplier:
                 src = src.copy()
                 src.vms.pop(p.vm.name, None)
                 allocs[source] = src
-                src_node = nodes.get(source) or self.ctx.node(source)
+                src_node = nodes.get(source) or self.ctx.peek(Node, source)
                 if src_node is not None:
                     nodes[source] = src_node
             accepted.append(p)
@@ -431,6 +432,13 @@ class PlacementLoop:
     def __init__(self, ctx: LeaderContext, wake: Callable[[], None]) -> None:
         self.ctx = ctx
         self.pending: set[str] = set()
+        # VMs wanted since the last pass. A pass plans only these unless capacity may have
+        # appeared (a poke, a refused plan, the retry timer): placing more VMs never makes
+        # room for one that did not fit, and re-planning every waiting VM for each new one
+        # would cost O(waiting) per create.
+        self._fresh: set[str] = set()
+        self._everyone = True
+        self._retry_at: float | None = None
         self._wake = wake
         self.applier = PlanApplier(ctx)
 
@@ -438,24 +446,41 @@ class PlacementLoop:
         """Called by the VM loop for a VM with no node: it is placed by the next pass."""
         if vm not in self.pending:
             self.pending.add(vm)
+            self._fresh.add(vm)
             self._wake()
         return Outcome()
 
     def poke(self) -> None:
-        """Capacity may have appeared: run a pass if some VM waits."""
+        """Capacity may have appeared: run a pass over every waiting VM."""
         if self.pending:
+            self._everyone = True
             self._wake()
 
     async def reconcile(self, key: str) -> Outcome:
         if key.startswith("forget/"):
             return await self._forget(key.removeprefix("forget/"))
+        now = time.monotonic()
+        everyone = self._everyone or (self._retry_at is not None and now >= self._retry_at)
+        names = self.pending if everyone else self._fresh & self.pending
+        self._everyone = False
+        self._fresh = set()
+        if everyone:
+            self._retry_at = None
+        try:
+            return await self._pass(sorted(names))
+        except BaseException:
+            self._everyone = True  # the queue retries the pass: it plans every VM again
+            raise
+
+    async def _pass(self, names: list[str]) -> Outcome:
         todo: list[Vm] = []
-        for name in sorted(self.pending):
-            vm = self.ctx.vm(name)
-            if vm is None or vm.deleting or vm.status.node is not None:
+        for name in names:
+            shared = self.ctx.peek(Vm, name)
+            if shared is None or shared.deleting or shared.status.node is not None:
                 self.pending.discard(name)
                 continue
-            todo.append(vm)
+            # A private copy: the pass sets its status (scalars only) to commit it.
+            todo.append(shared.model_copy(update={"status": shared.status.model_copy()}))
         if not todo:
             return Outcome()
         todo.sort(key=lambda v: (-v.spec.priority, v.created_at, v.name))
@@ -498,7 +523,10 @@ class PlacementLoop:
             await self._keep_pending(vm, record, message)
         if refused:
             log.info("plan applier refused %d plans (%s); re-planning", len(refused), refused)
+            self._fresh.update(refused)
             self._wake()
+        if unplaced and self._retry_at is None:
+            self._retry_at = time.monotonic() + UNPLACED_RETRY_S - 0.1
         parts = []
         if done:
             parts.append(placed_msgs[0] if done == 1 else f"placed {done} vms in one pass")
@@ -533,6 +561,7 @@ class PlacementLoop:
         try:
             await self.ctx.commit(ops, [Objects.expect_unchanged(vm)])
         except Conflict:
+            self._fresh.add(vm.name)
             self._wake()
 
 

@@ -160,20 +160,21 @@ class TaskLoop:
         )
         if utcnow() < deadline:
             return Outcome(requeue_after=max((deadline - utcnow()).total_seconds(), 0.1))
-        task.status = _finish(
+        status = _finish(
             task, "failed", error=f"timed out at {task.status.step or 'start'} (server gone?)"
         )
-        task.updated_at = utcnow()
+        task = task.model_copy(update={"status": status, "updated_at": utcnow()})
         await self.ctx.commit([Objects.put(task)], [Objects.expect_unchanged(task)])
         return Outcome(f"task {task.id[:8]} ({task.spec.action}): timed out")
 
     async def reconcile(self, task_id: str) -> Outcome:
-        task = self.ctx.task(task_id)
+        # Read-only views of the cache: the task is copied (with its new status) to commit.
+        task = self.ctx.peek(Task, task_id)
         if task is None or task.final or task.spec.action == "migrate":
             return Outcome()
         if task.spec.action in SERVICE_ACTIONS:
             return await self._deadline_only(task)
-        vm = self.ctx.vm(task.spec.target.name) if task.spec.target.kind == "vm" else None
+        vm = self.ctx.peek(Vm, task.spec.target.name) if task.spec.target.kind == "vm" else None
         if vm is not None and vm.id != task.spec.params.get("vm_id", vm.id):
             vm = None  # a new VM under the same name is not this task's VM
         status = evaluate(task, vm)
@@ -186,8 +187,7 @@ class TaskLoop:
             )
         if _same(status, task.status):
             return Outcome(requeue_after=max((deadline - utcnow()).total_seconds(), 0.1))
-        task.status = status
-        task.updated_at = utcnow()
+        task = task.model_copy(update={"status": status, "updated_at": utcnow()})
         await self.ctx.commit([Objects.put(task)], [Objects.expect_unchanged(task)])
         msg = f"task {task.id[:8]} ({task.spec.action} vm {task.spec.target.name}): {status.state}"
         if status.state == "running":

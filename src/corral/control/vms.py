@@ -8,7 +8,7 @@ from typing import Protocol
 
 from corral.control.context import LeaderContext
 from corral.control.queue import Outcome
-from corral.model import Assignment, Image, Pool, Vm, Volume
+from corral.model import Assignment, Image, Migration, Node, Pool, Vm, Volume
 from corral.model.assignment import AssignedBoot, AssignedDisk, AssignedImageFile
 from corral.state import Delete, Objects, Put, keys
 from corral.state.codec import encode
@@ -58,15 +58,15 @@ def resolve_disks(ctx: LeaderContext, vm: Vm) -> tuple[list[AssignedDisk], Assig
     """What the VM's host needs to find or make each disk, and how the VM boots."""
     disks: list[AssignedDisk] = []
     for ref in vm.spec.disks:
-        volume = ctx.volume(ref.volume)
+        volume = ctx.peek(Volume, ref.volume)
         if volume is None:
             log.warning("vm %s lists volume %s, which does not exist", vm.name, ref.volume)
             continue
-        pool = ctx.pool(volume.spec.pool)
-        image = ctx.image(volume.spec.image) if volume.spec.image else None
+        pool = ctx.peek(Pool, volume.spec.pool)
+        image = ctx.peek(Image, volume.spec.image) if volume.spec.image else None
         disks.append(assigned_disk(volume, pool, image))
     boot = None
-    image = ctx.image(vm.spec.image) if vm.spec.image else None
+    image = ctx.peek(Image, vm.spec.image) if vm.spec.image else None
     if image is not None:
         if image.spec.boot == "direct-kernel":
             boot = AssignedBoot(
@@ -82,10 +82,10 @@ def resolve_disks(ctx: LeaderContext, vm: Vm) -> tuple[list[AssignedDisk], Assig
 def volume_host(ctx: LeaderContext, vm: Vm) -> tuple[str, str] | None:
     """(host, volume) when one of the VM's volumes lives on one host's own disk."""
     for ref in vm.spec.disks:
-        volume = ctx.volume(ref.volume)
+        volume = ctx.peek(Volume, ref.volume)
         if volume is None or volume.status.node is None:
             continue
-        pool = ctx.pool(volume.spec.pool)
+        pool = ctx.peek(Pool, volume.spec.pool)
         if pool is not None and pool.spec.shared:
             continue
         return volume.status.node, volume.name
@@ -116,10 +116,11 @@ class VmLoop:
         self.placer = placer
 
     async def reconcile(self, name: str) -> Outcome:
-        vm = self.ctx.vm(name)
+        # Read-only views of the cache: this loop writes assignments and deletes, never the VM.
+        vm = self.ctx.peek(Vm, name)
         if vm is None:
             return Outcome()
-        migration = self.ctx.migration(name)
+        migration = self.ctx.peek(Migration, name)
         if migration is not None and not migration.final and not vm.deleting:
             return Outcome()  # the migration loop owns the VM's assignments meanwhile
         if vm.deleting:
@@ -150,7 +151,7 @@ class VmLoop:
                 [Objects.expect_unchanged(vm)],
             )
             return Outcome(f"deleted vm {vm.name} (it was never placed)")
-        host = self.ctx.node(node)
+        host = self.ctx.peek(Node, node)
         if host is None or host.status.state in ("down", "left"):
             # Its host cannot confirm: forget the VM now; the host's agent drops it (its
             # assignment is gone) if it ever comes back.

@@ -35,11 +35,23 @@ def _run_agent(**flags: Any) -> None:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
     setup_logging(settings.log_level)
+    profile_dir = os.environ.get("CORRAL_PROFILE_DIR")
+    profiler = None
+    if profile_dir:
+        # For benchmarks only: profile the whole agent, written out when it stops.
+        import cProfile
+
+        profiler = cProfile.Profile()
+        profiler.enable()
     try:
         asyncio.run(Agent(settings).run())
     except AgentStartError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from None
+    finally:
+        if profiler is not None:
+            profiler.disable()
+            profiler.dump_stats(str(Path(profile_dir or ".") / f"{settings.name}.prof"))
 
 
 def _parameters() -> list[inspect.Parameter]:

@@ -38,11 +38,15 @@ class IdempotencyGuard:
         self.etcd_key = keys.idempotency_key(scope, key) if key else ""
         self._expired_rev = 0
 
-    async def replay(self) -> IdempotencyRecord | None:
-        """The first result for this key, or None if it is new. Conflict for another body."""
+    async def replay(self, *, stale: bool = False) -> IdempotencyRecord | None:
+        """The first result for this key, or None if it is new. Conflict for another body.
+
+        ``stale`` reads the local etcd member only (no quorum round trip): fine before a
+        commit, whose ``expect()`` fails if the record changed meanwhile; after such a
+        Conflict, read again without it."""
         if not self.key:
             return None
-        kv = await self.ctx.store.get(self.etcd_key)
+        kv = await self.ctx.store.get(self.etcd_key, serializable=stale)
         if kv is None:
             return None
         record = decode("idempotency", kv.value, IdempotencyRecord)

@@ -135,7 +135,7 @@ class VmService:
         """Create a VM and its create task atomically (with the idempotency record)."""
         req = parse(VmCreate, body)
         guard = IdempotencyGuard(self.ctx, "vms", meta.idempotency_key, body)
-        replay = await guard.replay()
+        replay = await guard.replay(stale=True)
         if replay is not None:
             return await self._replayed(replay.response)
         if self.placement is not None:

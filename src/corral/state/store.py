@@ -220,6 +220,8 @@ class Store:
         self._index = 0
         self._client: aetcd.Client | None = None
         self._lock = asyncio.Lock()
+        # Clients replaced by prefer(), closed once the calls in flight on them had time to end.
+        self._retiring: dict[asyncio.Task[None], aetcd.Client] = {}
 
     @property
     def endpoint(self) -> str:
@@ -258,10 +260,17 @@ class Store:
             client, self._client = self._client, None
             self._index = 0
         if client is not None:
-            try:
-                await client.close()
-            except Exception:  # closing a broken channel may raise anything
-                log.debug("closing etcd client failed", exc_info=True)
+            # Calls in flight on the old channel finish first (closing it would cancel them).
+            task = asyncio.create_task(self._close_later(client))
+            self._retiring[task] = client
+            task.add_done_callback(lambda t: self._retiring.pop(t, None))
+
+    async def _close_later(self, client: aetcd.Client) -> None:
+        await asyncio.sleep(self._timeout_s)
+        try:
+            await client.close()
+        except Exception:  # closing a broken channel may raise anything
+            log.debug("closing etcd client failed", exc_info=True)
 
     async def _failover(self, failed: aetcd.Client | None = None) -> None:
         async with self._lock:
@@ -301,6 +310,12 @@ class Store:
     async def close(self) -> None:
         async with self._lock:
             client, self._client = self._client, None
+        for task, old in list(self._retiring.items()):
+            task.cancel()
+            try:
+                await old.close()
+            except Exception:  # closing a broken channel may raise anything
+                log.debug("closing etcd client failed", exc_info=True)
         if client is not None:
             await client.close()
 
