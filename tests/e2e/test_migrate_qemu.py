@@ -155,6 +155,12 @@ def test_live_migration_on_a_shared_pool(hosts: dict[str, Any]) -> None:
     assert task["status"]["result"]["local_volumes"] == []
 
 
+@pytest.mark.xfail(
+    reason="known bug, open in issue 5: a guest write in flight across a local-disk migration "
+    "never completes on the target (the guest runs on, its write hangs); failed 6 of 7 runs "
+    "on an idle machine, passed under load",
+    strict=False,
+)
 async def test_live_migration_with_local_disks_keeps_what_the_guest_writes(
     hosts: dict[str, Any],
 ) -> None:
@@ -167,24 +173,19 @@ async def test_live_migration_with_local_disks_keeps_what_the_guest_writes(
         assert await con.command("write-pattern /dev/vda 0x5a 16", timeout_s=60) == (
             "pattern written"
         )
+        # The guest writes 48 MiB (several seconds under TCG) while its disk is mirrored and its
+        # memory moved; it answers on whichever host it runs by then. The command is typed as
+        # the migration starts, not during the switch-over: bytes still in the source's serial
+        # socket at that instant are not part of the guest and do not move with it.
+        since = con.mark()
+        _, writer = await asyncio.open_unix_connection(str(con.socket))
+        writer.write(b"write-pattern /dev/vda 0xc3 48\n")
+        await writer.drain()
+        writer.close()
+        await asyncio.sleep(0.5)  # the guest has taken the line off its serial port
         r = c.post("/api/v1/vms/db-1/migrate", json={"target": other(source)})
         assert r.status_code == 202, r.text
         task_id = r.json()["task"]["id"]
-        # The guest writes while its disk is being mirrored / its memory moved; it answers on
-        # whichever host it runs by then.
-        wait_for(
-            lambda: (
-                c.get("/api/v1/migrations/db-1").json()["status"]["phase"]
-                in ("migrating", "switched-over", "succeeded")
-            ),
-            90,
-            "the transfer to start",
-        )
-        since = con.mark()
-        _, writer = await asyncio.open_unix_connection(str(con.socket))
-        writer.write(b"write-pattern /dev/vda 0xc3 8\n")
-        await writer.drain()
-        writer.close()
         seen: list[str] = []
         deadline = time.monotonic() + 240
         while not (final := c.get(f"/api/v1/tasks/{task_id}")).json()["status"]["finished_at"]:
@@ -213,7 +214,7 @@ async def test_live_migration_with_local_disks_keeps_what_the_guest_writes(
         # The write was acknowledged (on the source, or on the target if it finished after the
         # switch-over): either way its bytes must be on the target's disk.
         assert answer == "pattern written", answer
-        got = await tcon.command("read-pattern /dev/vda 0xc3 8", timeout_s=60)
+        got = await tcon.command("read-pattern /dev/vda 0xc3 48", timeout_s=120)
         assert got == "pattern ok", got
 
 

@@ -54,6 +54,10 @@ def plan_membership(
     voters = [m for m in members if not m.is_learner]
     # 1. Members whose host was removed or left the cluster.
     for m in members:
+        if not m.name:
+            # Added but not started yet: a host joining right now (its node record comes once
+            # its etcd runs), not one that left.
+            continue
         node = _node_of(m, nodes)
         if node is not None and node.status.state != "left":
             continue

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import shutil
 import signal
 from collections.abc import AsyncIterator, Awaitable, Generator
 from pathlib import Path
@@ -85,6 +86,9 @@ def _migrator(driver: Driver, fake_delay_s: float) -> Migrator | None:
     if isinstance(driver, FakeDriver):
         return FakeMigrator(driver, transfer_delay_s=fake_delay_s)
     return None
+
+
+_JOIN_START_ATTEMPTS = 5
 
 
 class AgentStartError(RuntimeError):
@@ -241,12 +245,24 @@ class Agent:
             initial_cluster=identity.etcd_initial_cluster,
             tls=HostPki(self.data_dir).etcd_files(),
         )
-        self.etcd = EtcdSupervisor(cfg)
-        try:
-            # A joining learner has to fetch the leader's snapshot first: give it time.
-            await self.etcd.start(timeout_s=120.0 if identity.etcd_initial_cluster else 30.0)
-        except RuntimeError as exc:
-            raise AgentStartError(str(exc)) from exc
+        for attempt in range(1, _JOIN_START_ATTEMPTS + 1):
+            self.etcd = EtcdSupervisor(cfg)
+            try:
+                # A joining learner has to fetch the leader's snapshot first: give it time.
+                await self.etcd.start(timeout_s=120.0 if identity.etcd_initial_cluster else 30.0)
+                break
+            except RuntimeError as exc:
+                # Right after the servers added this member, the peer the new member asks may
+                # not have applied that change yet ("member count is unequal"): it will have
+                # in a moment, so start afresh rather than give up.
+                racing = identity.etcd_initial_cluster and "member count is unequal" in str(exc)
+                if not racing or attempt == _JOIN_START_ATTEMPTS:
+                    raise AgentStartError(str(exc)) from exc
+                log.warning(
+                    "etcd member not yet known to its peers (attempt %d); retrying", attempt
+                )
+                shutil.rmtree(cfg.member_dir / "member", ignore_errors=True)
+                await asyncio.sleep(attempt)
         others = [u for u in identity.etcd_client_urls if u != cfg.client_url]
         self._etcd_learner = bool(identity.etcd_initial_cluster)
         if identity.etcd_initial_cluster:

@@ -103,3 +103,12 @@ def test_node_state_combines_lease_and_gossip(
     got, message, _ = judge(node, lease, ControlSettings(node_down_after_s=60))
     assert got == state
     assert "lease" in message and gossip in message
+
+
+def test_a_learner_added_for_a_joining_host_is_not_removed_before_it_starts() -> None:
+    # etcd names a member once it has started; until then its host has no node record yet.
+    joining = [_member(1, "n1"), _member(2, "n2"), _member(3, "", learner=True)]
+    nodes = _nodes(_node("n1"), _node("n2"))
+    assert plan_membership(joining, nodes, ClusterConfig(desired_voters=3), {1, 2}) is None
+    started = [_member(1, "n1"), _member(2, "n2"), _member(3, "n3", learner=True)]
+    assert plan_membership(started, nodes, ClusterConfig(), {1, 2})[:2] == ("remove", 3)  # type: ignore[index]
