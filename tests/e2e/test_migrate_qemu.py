@@ -158,7 +158,8 @@ def test_live_migration_on_a_shared_pool(hosts: dict[str, Any]) -> None:
 @pytest.mark.xfail(
     reason="known bug, open in issue 5: a guest write in flight across a local-disk migration "
     "never completes on the target (the guest runs on, its write hangs); failed 6 of 7 runs "
-    "on an idle machine, passed under load",
+    "on an idle machine, passed under load. Lift this mark once the local-disk switch-over "
+    "completes writes in flight (agent/drivers/qemu/migration.py, control/migrations.py).",
     strict=False,
 )
 async def test_live_migration_with_local_disks_keeps_what_the_guest_writes(
