@@ -22,10 +22,30 @@ __all__ = ["NETNS_PORTS", "AgentProcess", "free_port"]
 NETNS_PORTS = (8700, 8702, 8703, 8701, 8704, 8705)
 
 
+_handed_out: set[int] = set()
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
+    """A port free for both TCP and UDP on ``host`` that this test run has not handed out yet.
+
+    The kernel may give the same ephemeral port to two probes in a row once the first probe's
+    socket is closed; two of one agent's ports then collide (gRPC and Serf did, in CI). Serf's
+    gossip port needs UDP as well as TCP.
+    """
+    for _ in range(200):
+        with socket.socket() as s:
+            s.bind((host, 0))
+            port = int(s.getsockname()[1])
+        if port in _handed_out:
+            continue
+        try:
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
+                u.bind((host, port))
+        except OSError:
+            continue
+        _handed_out.add(port)
+        return port
+    raise RuntimeError(f"no free port found on {host}")
 
 
 @dataclass

@@ -10,7 +10,6 @@ import asyncio
 import contextlib
 import os
 import signal
-import socket
 import stat
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -21,27 +20,11 @@ import pytest
 
 from corral.cluster.serf import SerfAgent, generate_key
 from corral.cluster.serf_rpc import MemberEvent, SerfClient, SerfError
+from tests.integration.harness import free_port
 
 pytestmark = pytest.mark.integration
 
 HOSTS = ("127.0.0.1", "127.0.0.2", "127.0.0.3")
-
-
-def _free_port(host: str, *, udp: bool) -> int:
-    """A port free on ``host`` for TCP (and UDP too when asked: gossip binds both)."""
-    for _ in range(50):
-        with socket.socket() as tcp:
-            tcp.bind((host, 0))
-            port = int(tcp.getsockname()[1])
-            if not udp:
-                return port
-            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as dgram:
-                try:
-                    dgram.bind((host, port))
-                except OSError:
-                    continue
-                return port
-    raise RuntimeError(f"no free port on {host}")
 
 
 @dataclass
@@ -68,8 +51,8 @@ class Nodes:
         agent = SerfAgent(
             name,
             host,
-            _free_port(host, udp=True),
-            _free_port("127.0.0.1", udp=False),
+            free_port(host),
+            free_port("127.0.0.1"),
             self.root / name,
             encrypt_key=key or self.key,
             **kw,
