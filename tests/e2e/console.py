@@ -74,6 +74,26 @@ class GuestConsole:
         )
         return self.heartbeats(since)
 
+    async def type(self, line: str, *, timeout_s: float = 30.0) -> None:
+        """Type ``line`` and leave without waiting for an answer, once QEMU took every byte.
+
+        QEMU's socket chardev feeds the UART a few bytes at a time; a client that closes right
+        after writing loses whatever QEMU had not read yet (the hang-up drops it). So the
+        connection is half-closed (QEMU still reads, then sees end-of-file and closes its side)
+        and this returns when QEMU closed it: the guest has the whole line.
+        """
+        reader, writer = await asyncio.open_unix_connection(str(self.socket))
+        try:
+            writer.write(line.encode() + b"\n")
+            await writer.drain()
+            writer.write_eof()
+            async with asyncio.timeout(timeout_s):
+                while await reader.read(4096):
+                    pass
+        finally:
+            writer.close()
+            await writer.wait_closed()
+
     async def command(
         self, line: str, *, expect: str | None = None, timeout_s: float = 30.0
     ) -> str:

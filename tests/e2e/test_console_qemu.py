@@ -160,6 +160,25 @@ async def test_the_serial_console_reads_and_types(
         await read_until(ws, rf"(^|\n){word}\r?\n")
 
 
+@pytest.mark.parametrize("via", ["n1", "c1"])
+async def test_a_line_typed_just_before_leaving_reaches_the_guest(
+    hosts: dict[str, AgentProcess], via: str
+) -> None:
+    """QEMU drops what it has not read yet when its console client hangs up; the agent lets the
+    last viewer's connection go only once QEMU took every byte."""
+    vm = "con-2"
+    word = f"typed-then-gone-via-{via}-" + "x" * 60
+    async with connect(await ticket_url(hosts[via], vm)) as ws:
+        await read_until(ws, r"corral-heartbeat \d+")
+        await ws.send(f"echo {word}\n".encode())
+    # No viewer is left: the guest's answer shows in the console log.
+    async with httpx.AsyncClient(base_url=hosts["n1"].url, timeout=30) as c:
+        deadline = asyncio.get_running_loop().time() + 30
+        while word not in (log := (await c.get(f"/api/v1/vms/{vm}/console/log")).text):
+            assert asyncio.get_running_loop().time() < deadline, log[-400:]
+            await asyncio.sleep(0.5)
+
+
 async def test_several_viewers_share_one_console(hosts: dict[str, AgentProcess]) -> None:
     vm = "con-1"
     local, other = (hosts["n1"], hosts["c1"])

@@ -8,7 +8,6 @@ leaves the guest on the source and no QEMU on the target.
 
 from __future__ import annotations
 
-import asyncio
 import os
 import re
 import shutil
@@ -155,13 +154,6 @@ def test_live_migration_on_a_shared_pool(hosts: dict[str, Any]) -> None:
     assert task["status"]["result"]["local_volumes"] == []
 
 
-@pytest.mark.xfail(
-    reason="known bug, open in issue 5: a guest write in flight across a local-disk migration "
-    "never completes on the target (the guest runs on, its write hangs); failed 6 of 7 runs "
-    "on an idle machine, passed under load. Lift this mark once the local-disk switch-over "
-    "completes writes in flight (agent/drivers/qemu/migration.py, control/migrations.py).",
-    strict=False,
-)
 async def test_live_migration_with_local_disks_keeps_what_the_guest_writes(
     hosts: dict[str, Any],
 ) -> None:
@@ -169,54 +161,32 @@ async def test_live_migration_with_local_disks_keeps_what_the_guest_writes(
     with n1.client(timeout=180) as c:
         vm = create_vm(c, "db-1", "db-1-data", "local")
         source = vm["status"]["node"]
+        target = other(source)
         con = guest_console(hosts, source, "db-1")
         await con.wait_booted(timeout_s=90)
         assert await con.command("write-pattern /dev/vda 0x5a 16", timeout_s=60) == (
             "pattern written"
         )
-        # The guest writes 48 MiB (several seconds under TCG) while its disk is mirrored and its
-        # memory moved; it answers on whichever host it runs by then. The command is typed as
-        # the migration starts, not during the switch-over: bytes still in the source's serial
-        # socket at that instant are not part of the guest and do not move with it.
+        # The guest writes 48 MiB and syncs (over 5 s under TCG) while its disk is mirrored and
+        # its memory moved: the write starts on the source and ends on the target.
         since = con.mark()
-        _, writer = await asyncio.open_unix_connection(str(con.socket))
-        writer.write(b"write-pattern /dev/vda 0xc3 48\n")
-        await writer.drain()
-        writer.close()
-        await asyncio.sleep(0.5)  # the guest has taken the line off its serial port
-        r = c.post("/api/v1/vms/db-1/migrate", json={"target": other(source)})
+        await con.type("write-pattern /dev/vda 0xc3 48")
+        r = c.post("/api/v1/vms/db-1/migrate", json={"target": target})
         assert r.status_code == 202, r.text
-        task_id = r.json()["task"]["id"]
-        seen: list[str] = []
-        deadline = time.monotonic() + 240
-        while not (final := c.get(f"/api/v1/tasks/{task_id}")).json()["status"]["finished_at"]:
-            seen += con.lines(since)  # the source's console goes with its VM directory
-            assert time.monotonic() < deadline, final.json()
-            await asyncio.sleep(0.2)
-        seen += con.lines(since)
-        assert final.json()["status"]["state"] == "succeeded", final.json()
-        assert final.json()["status"]["result"]["local_volumes"] == ["db-1-data"]
-        target = other(source)
+        task = c.get(
+            f"/api/v1/tasks/{r.json()['task']['id']}", params={"wait": "true", "timeout": "240"}
+        ).json()
+        assert task["status"]["state"] == "succeeded", task
+        assert task["status"]["result"]["local_volumes"] == ["db-1-data"]
+        assert "pattern written" not in con.lines(since), "the write ended before the switch-over"
         assert c.get("/api/v1/vms/db-1").json()["status"]["node"] == target
         volume = c.get("/api/v1/volumes/db-1-data").json()
         assert volume["status"]["node"] == target
         assert str(hosts["data"] / target) in volume["status"]["path"]
         tcon = guest_console(hosts, target, "db-1")
-        try:
-            wait_for(
-                lambda: "pattern written" in seen + con.lines(since) + tcon.lines(),
-                60,
-                "the guest's answer to the write",
-            )
-        except AssertionError:
-            print("SOURCE SEEN", seen[-10:], "TARGET", tcon.lines()[-10:])
-            raise
-        answer = "pattern written"
-        # The write was acknowledged (on the source, or on the target if it finished after the
-        # switch-over): either way its bytes must be on the target's disk.
-        assert answer == "pattern written", answer
-        got = await tcon.command("read-pattern /dev/vda 0xc3 48", timeout_s=120)
-        assert got == "pattern ok", got
+        # The write in flight completes on the target, and every byte of it is there.
+        await tcon.wait_for(lambda lines: "pattern written" in lines, timeout_s=120)
+        assert await tcon.command("read-pattern /dev/vda 0xc3 48", timeout_s=120) == "pattern ok"
 
 
 def test_cancel_keeps_the_guest_on_the_source(hosts: dict[str, Any]) -> None:

@@ -41,6 +41,7 @@ CLOSE_TOO_SLOW = 1013  # "try again later": a viewer fell too far behind the out
 _CHUNK = 64 * 1024
 _MAX_BEHIND_BYTES = 4 * 1024 * 1024
 _CONNECT_TIMEOUT_S = 5.0
+_DRAIN_TIMEOUT_S = 2.0
 
 
 @dataclass(eq=False)
@@ -116,25 +117,31 @@ class SerialHub:
                     ) from exc
                 self._writer = writer
                 self._reader_task = asyncio.create_task(
-                    self._pump(reader), name=f"serial-{self.name}"
+                    self._pump(reader, writer), name=f"serial-{self.name}"
                 )
             viewer = SerialViewer(self)
             self.viewers.add(viewer)
             return viewer
 
-    async def _pump(self, reader: asyncio.StreamReader) -> None:
+    async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Deliver what the guest prints until QEMU closes this connection."""
         try:
             while data := await reader.read(_CHUNK):
-                for viewer in list(self.viewers):
-                    viewer._deliver(data)
+                if self._writer is writer:  # a connection being let go has no viewers
+                    for viewer in list(self.viewers):
+                        viewer._deliver(data)
         except OSError as exc:
             log.info("vm %s: serial console connection failed: %s", self.name, exc)
-        # EOF: QEMU exited (stop, delete, crash). Every viewer learns it.
         async with self._lock:
-            for viewer in list(self.viewers):
-                viewer._end(CLOSE_GONE, f"vm {self.name}'s console closed: the VM stopped")
-            self.viewers.clear()
-            await self._disconnect(from_pump=True)
+            if self._writer is writer:
+                # End of file while in use: QEMU exited (stop, delete, crash).
+                for viewer in list(self.viewers):
+                    viewer._end(CLOSE_GONE, f"vm {self.name}'s console closed: the VM stopped")
+                self.viewers.clear()
+                self._writer, self._reader_task = None, None
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
 
     async def write(self, data: bytes) -> None:
         writer = self._writer
@@ -147,23 +154,38 @@ class SerialHub:
             log.info("vm %s: cannot type on the serial console: %s", self.name, exc)
 
     async def leave(self, viewer: SerialViewer) -> None:
-        """Drop a viewer; the last one out closes the connection (QEMU then takes another)."""
+        """Drop a viewer; the last one out lets the connection go (QEMU then takes another)."""
         async with self._lock:
             self.viewers.discard(viewer)
-            if not self.viewers:
-                await self._disconnect(from_pump=False)
+            if self.viewers:
+                return
+        await self.let_go()
 
-    async def _disconnect(self, *, from_pump: bool) -> None:
-        writer, self._writer = self._writer, None
-        task, self._reader_task = self._reader_task, None
-        if task is not None and not from_pump:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
-        if writer is not None:
-            writer.close()
-            with contextlib.suppress(OSError):
-                await writer.wait_closed()
+    async def let_go(self) -> None:
+        """Close the connection without losing what was typed last.
+
+        QEMU feeds the guest's UART a few bytes at a time and drops whatever it had not read
+        when the client hangs up. So the connection is half-closed: QEMU reads the rest, sees
+        end of file and closes its side, which ends the pump. A guest that takes no input
+        (stopped CPUs) is given ``_DRAIN_TIMEOUT_S``.
+        """
+        async with self._lock:
+            writer, task = self._writer, self._reader_task
+            self._writer, self._reader_task = None, None
+        if writer is None:
+            return
+        with contextlib.suppress(OSError, RuntimeError):
+            writer.write_eof()
+        if task is not None:
+            try:
+                await asyncio.wait_for(asyncio.shield(task), _DRAIN_TIMEOUT_S)
+            except TimeoutError:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
 
 
 class TcpChannel:
@@ -262,5 +284,5 @@ class LocalConsoles:
             for viewer in list(hub.viewers):
                 viewer._end(CLOSE_GONE, "the corral agent on this host is stopping")
             hub.viewers.clear()
-            await hub._disconnect(from_pump=False)
+            await hub.let_go()
         self._hubs.clear()
