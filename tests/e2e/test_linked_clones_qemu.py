@@ -1,4 +1,5 @@
-"""Linked clones of a running VM and clones to another host, with real guests, through the CLI."""
+"""Linked clones of a running VM and clones to another host or pool, with real guests, through
+the CLI."""
 
 from __future__ import annotations
 
@@ -185,6 +186,24 @@ async def test_full_clone_to_another_host_boots_there_with_the_data(
     assert "corral-copy" not in tags
     clone_task = next(t for t in tasks(n1) if t["spec"]["action"] == "clone")
     assert clone_task["status"]["result"]["to"] == "n2"
+
+    # A full clone into another pool of the same host (the source keeps running).
+    fast = n1.data_dir.parent / "fast-pool"
+    cli(n1, "pool", "create", "fast", "--path", str(fast))
+    refused = cli_fails(n1, "vm", "clone", "far-1", "far-x", "--linked", "--pool", "fast")
+    assert "--full --pool fast" in refused.stderr, refused.stderr
+    refused = cli_fails(n1, "vm", "clone", "far-1", "far-x", "--pool", "nope")
+    assert "no pool 'nope'" in refused.stderr, refused.stderr
+    out = cli(n1, "vm", "clone", "far-1", "far-3", "--pool", "fast", "--start", "--timeout", "180")
+    assert "vm far-3 running on n1" in out, out
+    moved = volume(n1, "far-3-disk0")
+    assert moved["spec"]["pool"] == "fast"
+    assert moved["status"]["path"].startswith(str(fast)), moved["status"]["path"]
+    assert backing(moved["status"]["path"]) is None
+    assert vm_json(n1, "far-1")["status"]["runtime"]["qemu.pid"] == pid
+    far3 = console(n1, "far-3")
+    await far3.wait_booted(timeout_s=120)
+    assert await far3.command("read-pattern /dev/vda 0x3c 1") == "pattern ok"
 
     # A stopped VM is frozen with qemu-img alone; a template of it (an overlay on that base)
     # is copied to the other host as one flattened file.

@@ -206,6 +206,10 @@ def vm_clone(
             "--to", metavar="NODE", help="Copy the disks to this host (full clones); run there."
         ),
     ] = None,
+    pool: Annotated[
+        str | None,
+        typer.Option("--pool", metavar="POOL", help="Copy the disks into this pool (full clones)."),
+    ] = None,
     start: Annotated[bool, typer.Option("--start", help="Start the clone.")] = False,
     labels: LabelsOpt = None,
     wait: WaitOpt = True,
@@ -217,6 +221,8 @@ def vm_clone(
     body: dict[str, Any] = {"name": name, "linked": linked, "start": start}
     if to is not None:
         body["to"] = to
+    if pool is not None:
+        body["pool"] = pool
     if labels:
         body["labels"] = parse_labels(labels)
     result = state.client().clone_vm(source, body)

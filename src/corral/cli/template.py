@@ -119,12 +119,15 @@ def instantiate(
     timeout: float | None,
     output: Any,
     to: str | None = None,
+    pool: str | None = None,
 ) -> None:
     """`corral vm create NAME --template T`: a VM from a template."""
     state = get_state(ctx)
     body: dict[str, Any] = {"name": name, "start": start, "full": full}
     if to is not None:
         body["to"] = to
+    if pool is not None:
+        body["pool"] = pool
     if labels:
         body["labels"] = parse_labels(labels)
     result = state.client().instantiate_template(template, body)

@@ -318,7 +318,15 @@ def vm_create(
     full: Annotated[
         bool, typer.Option("--full", help="A full copy of the image instead of a linked clone.")
     ] = False,
-    pool: Annotated[str, typer.Option("--pool", help="Pool of the boot disk.")] = "local",
+    pool: Annotated[
+        str | None,
+        typer.Option(
+            "--pool",
+            help="Pool of the boot disk made from --image (default: local); with --template "
+            "--full: the pool to copy its disks into.",
+            show_default=False,
+        ),
+    ] = None,
     volume: Annotated[
         list[str] | None,
         typer.Option("--volume", help="Attach this existing volume too; repeatable."),
@@ -390,6 +398,12 @@ def vm_create(
         raise typer.BadParameter(
             "only with --template (to copy its disks there)", param_hint="--to"
         )
+    if pool is not None and image is None and template is None:
+        raise typer.BadParameter(
+            "only with --image (the boot disk's pool) or --template --full (where its disks "
+            "are copied); attach a volume of any pool with --volume",
+            param_hint="--pool",
+        )
     if template is not None:
         from corral.cli.template import instantiate
 
@@ -404,6 +418,7 @@ def vm_create(
             timeout=timeout,
             output=output,
             to=to,
+            pool=pool,
         )
         return
     spec: dict[str, Any] = {"name": name, "power_state": "running" if start else "stopped"}
@@ -423,7 +438,7 @@ def vm_create(
         spec["placement_policy"] = policy
     if image is not None:
         spec["image"] = image
-        spec["pool"] = pool
+        spec["pool"] = pool or "local"
         spec["full_clone"] = full
     if disk is not None:
         spec["disk_gib"] = disk

@@ -73,6 +73,9 @@ class InstantiateRequest(Strict):
     to: Name | None = Field(
         default=None, description="copy the disks to this host (full copies only)"
     )
+    pool: Name | None = Field(
+        default=None, description="put the copies in this pool (full copies only)"
+    )
 
 
 class CloneRequest(Strict):
@@ -86,3 +89,7 @@ class CloneRequest(Strict):
     start: bool = False
     labels: Labels = Field(default_factory=dict)
     to: Name | None = Field(default=None, description="copy the disks to this host")
+    pool: Name | None = Field(
+        default=None,
+        description="put the copies in this pool (full clones only; default: each disk's own)",
+    )

@@ -57,10 +57,31 @@ class DiskCloner:
             raise Conflict(f"{what} lives on host {name or '(none)'}, which is {state}")
         return node
 
+    async def pool(self, name: str | None, mode: CloneMode) -> Pool | None:
+        """The pool the copies go to (None: each source's own); refuses what cannot be."""
+        if name is None:
+            return None
+        if mode != "full":
+            raise ValidationFailed.one(
+                "pool",
+                "full-only",
+                f"a linked clone lives in the pool of the base it reads; make a full copy to "
+                f"put the disks in pool {name} (--full --pool {name})",
+            )
+        pool = await self.ctx.objects.find(Pool, name)
+        if pool is None:
+            raise ValidationFailed.one("pool", "exists", f"no pool {name!r}; see `corral pool ls`")
+        return pool
+
     async def target(
-        self, to: str | None, sources: builtins.list[Volume], mode: CloneMode
+        self,
+        to: str | None,
+        sources: builtins.list[Volume],
+        mode: CloneMode,
+        pool: Pool | None = None,
     ) -> Node | None:
-        """The host the copies go to (None: where the sources are); refuses what cannot be."""
+        """The host the copies go to (None: where the sources are); refuses what cannot be.
+        ``pool`` is where the copies go (None: each source's own pool)."""
         if to is None:
             return None
         node = await self.ctx.objects.find(Node, to)
@@ -71,14 +92,14 @@ class DiskCloner:
                 "to", "ready", f"host {to} is {node.status.state}; pick a ready host"
             )
         for src in sources:
-            pool = await self.ctx.objects.find(Pool, src.spec.pool)
-            if pool is not None and pool.spec.shared:
+            dest = pool or await self.ctx.objects.find(Pool, src.spec.pool)
+            if dest is not None and dest.spec.shared:
                 raise ValidationFailed.one(
                     "to",
                     "not-shared",
-                    f"volume {src.name} is in pool {pool.name}, which every host shares: the "
-                    "clone's disks are seen from every host and the scheduler places it; "
-                    "clone without --to",
+                    f"the copy of volume {src.name} goes to pool {dest.name}, which every host "
+                    "shares: the clone's disks are seen from every host and the scheduler "
+                    "places it; clone without --to (or copy into a host-local pool with --pool)",
                 )
             if src.status.node == to:
                 continue

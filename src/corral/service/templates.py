@@ -219,7 +219,9 @@ class TemplateService:
         sources = await self._volumes([d.volume for d in template.spec.vm.disks])
         spec = template.spec.vm.model_copy(deep=True)
         mode: CloneMode = "full" if req.full else "linked"
-        to = await DiskCloner(self.ctx).target(req.to, sources, mode)
+        cloner = DiskCloner(self.ctx)
+        pool = await cloner.pool(req.pool, mode)
+        to = await cloner.target(req.to, sources, mode, pool)
         return await self._new_vm(
             req.name,
             spec,
@@ -227,6 +229,7 @@ class TemplateService:
             None,
             mode=mode,
             to=to,
+            pool=pool,
             start=req.start,
             labels={**spec.labels, **req.labels},
             meta=meta,
@@ -253,7 +256,9 @@ class TemplateService:
                     f"to; delete them first (`corral vm snapshot delete {source} NAME`) or make "
                     "a full clone (--full)"
                 )
-        to = await DiskCloner(self.ctx).target(req.to, sources, mode)
+        cloner = DiskCloner(self.ctx)
+        pool = await cloner.pool(req.pool, mode)
+        to = await cloner.target(req.to, sources, mode, pool)
         spec = vm.spec.model_copy(deep=True)
         spec.nics = [VmNic() for _ in spec.nics]
         return await self._new_vm(
@@ -263,11 +268,16 @@ class TemplateService:
             vm,
             mode=mode,
             to=to,
+            pool=pool,
             start=req.start,
             labels={**spec.labels, **req.labels},
             meta=meta,
             action="clone",
-            origin={"vm": source, **({"to": req.to} if req.to else {})},
+            origin={
+                "vm": source,
+                **({"to": req.to} if req.to else {}),
+                **({"pool": req.pool} if req.pool else {}),
+            },
         )
 
     async def _new_vm(
@@ -279,6 +289,7 @@ class TemplateService:
         *,
         mode: CloneMode,
         to: Node | None,
+        pool: Pool | None,
         start: bool,
         labels: dict[str, str],
         meta: RequestMeta,
@@ -303,7 +314,7 @@ class TemplateService:
                 created_at=now,
                 updated_at=now,
                 spec=VolumeSpec(
-                    pool=src.spec.pool,
+                    pool=pool.name if pool is not None else src.spec.pool,
                     size_gib=src.spec.size_gib,
                     backing_volume=src.name if mode == "linked" else None,
                 ),
@@ -322,7 +333,9 @@ class TemplateService:
         steps = {
             "linked": "linking disks",
             "link-vm": "freezing the source's disks into shared bases",
-            "full": f"copying disks to host {to.name}" if to else "copying disks",
+            "full": "copying disks"
+            + (f" to host {to.name}" if to else "")
+            + (f" into pool {pool.name}" if pool else ""),
         }
         task = await runner.step(task, 1, steps[mode])
         try:
@@ -348,6 +361,7 @@ class TemplateService:
                 "linked": mode != "full",
                 "create_task": result.task.id,
                 **({"to": to.name} if to else {}),
+                **({"pool": pool.name} if pool else {}),
             },
         )
         return result
