@@ -186,7 +186,7 @@ async def test_guest_reads_and_writes_disks_that_the_host_checks_after_poweroff(
     )
     assert overlay == ""
 
-    driver = drivers(accel="auto", kvm_probe_timeout_s=5.0)
+    driver = drivers(accel="auto")
     fingerprint = await driver.fingerprint()
     assert fingerprint["accelerator"] in ("kvm", "tcg")
     assert fingerprint["accelerator_reason"]

@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from corral import __version__
-from corral.model.node import Inventory, PoolUsage
+from corral.model.node import HostCpu, Inventory, PoolUsage
 
 __all__ = ["collect_inventory", "cpu_count", "disk_gib", "memory_mib", "pool_usage"]
 
@@ -85,10 +85,13 @@ def pool_usage(data_dir: Path, extra: Mapping[str, str] | None = None) -> dict[s
 
 
 def collect_inventory(
-    data_dir: Path, driver_name: str, pools: Mapping[str, str] | None = None
+    data_dir: Path,
+    driver_name: str,
+    pools: Mapping[str, str] | None = None,
+    cpu: HostCpu | None = None,
 ) -> Inventory:
     """Measure CPUs, memory, the disk holding ``data_dir``, hostname, kernel, versions and the
-    host's storage pools."""
+    host's storage pools; ``cpu`` is what the driver found guests see under KVM."""
     total, free = disk_gib(data_dir)
     uname = os.uname()
     return Inventory(
@@ -101,4 +104,5 @@ def collect_inventory(
         corral_version=__version__,
         driver=driver_name,
         pools=pool_usage(data_dir, pools),
+        cpu=cpu,
     )

@@ -15,7 +15,8 @@ Phases and what moves them:
    on host-local pools) and marks the VM ``migrating``. The VM keeps one placement (``node``,
    ``epoch``) all along: the source's.
 2. The target agent defines the VM (creating blank or same-backing files for local volumes),
-   checks CPU compatibility (same accelerator, machine type available, QEMU not older), starts
+   checks CPU compatibility (same accelerator, machine type available, QEMU not older; under
+   KVM every CPU feature of the source host, which the leader copied from its inventory), starts
    QEMU with ``-incoming defer``, exports local disks over NBD and listens, all on its own
    address; it reports ``listening`` with the URI and NBD port in its observation.
    ``preparing`` -> ``migrating``: the leader adds ``outgoing`` (URI, NBD address, downtime,
@@ -60,7 +61,17 @@ from corral.control.queue import Outcome
 from corral.control.tasks import steps_for
 from corral.control.vms import assigned_disk, desired_assignment
 from corral.errors import CorralError
-from corral.model import Assignment, Migration, Target, Task, TaskSpec, TaskStatus, Vm, new_id
+from corral.model import (
+    Assignment,
+    HostCpu,
+    Migration,
+    Target,
+    Task,
+    TaskSpec,
+    TaskStatus,
+    Vm,
+    new_id,
+)
 from corral.model.common import new_time_id, utcnow
 from corral.model.migration import (
     IncomingMigration,
@@ -129,6 +140,7 @@ def migration_records(
     actor: str,
     request_id: str = "",
     trace_id: str = "",
+    cpu: HostCpu | None = None,
 ) -> tuple[Migration, Task, list[Put | Delete], list[Expect]]:
     """A new migration of running ``vm`` to ``target`` and its ``migrate`` task, with the ops
     and compares that write both in one transaction (the VM unchanged, no migration under way).
@@ -182,6 +194,7 @@ def migration_records(
             machine=runtime.get("qemu.machine", "q35"),
             accel=runtime.get("qemu.accel"),
             qemu_version=runtime.get("qemu.version"),
+            cpu=cpu if runtime.get("qemu.accel") == "kvm" else None,
         ),
     )
     migration.status.message = f"accepted: {why}; transfer: {mode}"
@@ -310,6 +323,7 @@ class MigrationLoop:
                     machine=m.spec.machine,
                     accel=m.spec.accel,
                     qemu_version=m.spec.qemu_version,
+                    cpu=m.spec.cpu,
                     local_volumes=list(m.spec.local_volumes),
                     started_at=vm.status.started_at,
                 ),

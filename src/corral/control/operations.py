@@ -38,7 +38,7 @@ from corral.control.placement import (
 from corral.control.queue import Outcome
 from corral.control.vms import volume_host
 from corral.errors import Conflict
-from corral.model import Target, Task, TaskSpec, TaskStatus, Vm, utcnow
+from corral.model import Target, Task, TaskSpec, TaskStatus, Vm, cpu_gap, utcnow
 from corral.model.common import new_time_id
 from corral.model.migration import MigrationOptions
 from corral.model.task import FINAL_TASK_STATES, Step
@@ -167,17 +167,19 @@ class LiveMover:
         if vm.status.state not in _LIVE_STATES:
             return f"vm {vm.name} is {vm.status.state}"
         assert vm.status.node is not None
-        drivers = []
+        invs = []
         for host in (vm.status.node, target):
             node = self.ctx.node(host)
-            inv = node.status.inventory if node is not None else None
-            drivers.append(inv.driver if inv is not None else "?")
+            invs.append(node.status.inventory if node is not None else None)
+        drivers = [inv.driver if inv is not None else "?" for inv in invs]
         if drivers[0] != drivers[1]:
             return f"the hosts run different drivers ({drivers[0]}, {drivers[1]})"
         if drivers[0] not in LIVE_DRIVERS:
             return f"driver {drivers[0]} cannot migrate live"
         if vm.status.runtime.get("qemu.accel") == "kvm":
-            return "guests under kvm use -cpu host, which corral does not migrate yet"
+            gap = cpu_gap(*(inv.cpu if inv is not None else None for inv in invs))
+            if gap is not None:
+                return f"the guest runs with -cpu host and {target} does not fit: {gap}"
         return None
 
     async def start(self, vm: str, target: str, reason: str) -> str:
@@ -196,6 +198,8 @@ class LiveMover:
         if cold is not None:
             log.info("vm %s moves cold to %s: %s", vm, target, cold)
             return "cold:" + await self.cold.start(vm, target, f"{reason}; {cold}")
+        source_node = self.ctx.node(source)
+        source_inv = source_node.status.inventory if source_node is not None else None
         _, task, ops, expect = migration_records(
             current,
             target,
@@ -204,6 +208,7 @@ class LiveMover:
             reason,
             previous,
             actor=f"corral:{reason.split(' ', 1)[0]}",
+            cpu=source_inv.cpu if source_inv is not None else None,
         )
         await self.ctx.commit(ops, expect)
         return "live:" + task.id

@@ -587,6 +587,7 @@ class Agent:
         except (CorralError, RuntimeError, OSError, ValueError) as exc:
             raise AgentStartError(f"the gossip agent (serf) did not start: {exc}") from exc
 
+        host_cpu = await driver.host_cpu()
         self.node_agent = NodeAgent(
             s.name,
             node_service,
@@ -594,10 +595,12 @@ class Agent:
             address=s.api_url,
             labels=s.label_dict(),
             roles=["server", "compute"] if identity.role == "server" else ["compute"],
-            inventory=collect_inventory(self.data_dir, driver.name),
+            inventory=collect_inventory(self.data_dir, driver.name, cpu=host_cpu),
             lease_ttl_s=s.lease_ttl_s,
             storage=storage,
-            inventory_refresh=lambda pools: collect_inventory(self.data_dir, driver.name, pools),
+            inventory_refresh=lambda pools: collect_inventory(
+                self.data_dir, driver.name, pools, host_cpu
+            ),
             migrator=_migrator(driver, s.fake_migrate_delay_s),
         )
         server = _ApiServer(

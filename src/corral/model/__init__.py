@@ -6,7 +6,7 @@ from corral.model.common import Labels, Name, new_id, rfc3339, utcnow
 from corral.model.group import Group, GroupCreate, GroupSpec, GroupStatus
 from corral.model.idempotency import IdempotencyRecord
 from corral.model.migration import Migration, MigrationReport
-from corral.model.node import Allocated, Inventory, Node, NodeSpec, NodeStatus
+from corral.model.node import Allocated, HostCpu, Inventory, Node, NodeSpec, NodeStatus, cpu_gap
 from corral.model.storage import (
     Image,
     ImageCreate,
@@ -34,6 +34,7 @@ __all__ = [
     "GroupCreate",
     "GroupSpec",
     "GroupStatus",
+    "HostCpu",
     "IdempotencyRecord",
     "Image",
     "ImageCreate",
@@ -70,6 +71,7 @@ __all__ = [
     "VolumeCreate",
     "VolumeSpec",
     "VolumeStatus",
+    "cpu_gap",
     "new_id",
     "rfc3339",
     "utcnow",

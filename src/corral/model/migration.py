@@ -11,6 +11,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from corral.model.common import ObjectMeta, Strict
+from corral.model.node import HostCpu
 
 __all__ = [
     "DEFAULT_MAX_DOWNTIME_MS",
@@ -117,6 +118,8 @@ class IncomingMigration(BaseModel):
     machine: str = "q35"
     accel: str | None = None
     qemu_version: str | None = None
+    # Under KVM: the source host's CPU as its guests see it (the target must offer all of it).
+    cpu: HostCpu | None = None
     # Volumes on host-local pools: the target exports blank copies over NBD.
     local_volumes: list[str] = Field(default_factory=list)
     # When the guest booted (on the source): the target keeps it (a migration is no reboot).
@@ -154,6 +157,8 @@ class MigrationSpec(BaseModel):
     machine: str = "q35"
     accel: str | None = None
     qemu_version: str | None = None
+    # Under KVM: the CPU the guest found at the source (the target must offer all of it).
+    cpu: HostCpu | None = None
 
 
 class MigrationStatus(BaseModel):

@@ -12,6 +12,7 @@ from corral.model.common import ObjectMeta
 __all__ = [
     "Allocated",
     "GossipState",
+    "HostCpu",
     "Inventory",
     "Node",
     "NodeRole",
@@ -19,6 +20,7 @@ __all__ = [
     "NodeState",
     "NodeStatus",
     "PoolUsage",
+    "cpu_gap",
 ]
 
 NodeRole = Literal["server", "compute"]
@@ -40,6 +42,37 @@ class PoolUsage(BaseModel):
     allocated_bytes: int = 0
 
 
+class HostCpu(BaseModel):
+    """The CPU a guest sees under KVM with ``-cpu host`` on this host, as QEMU expands it
+    (``query-cpu-model-expansion`` of model ``host``): vendor, model name and every feature
+    that is on."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    vendor: str
+    model: str
+    features: list[str] = Field(default_factory=list)
+
+
+def cpu_gap(source: HostCpu | None, target: HostCpu | None) -> str | None:
+    """Why a guest started with ``-cpu host`` on ``source`` cannot move live to ``target``
+    (None: it can). The guest keeps using every CPU feature it found at boot, so the target
+    must offer all of them, from the same vendor (Nova and libvirt compare the same way)."""
+    if source is None:
+        return "the source host did not report its CPU (it runs guests without KVM?)"
+    if target is None:
+        return "it runs guests without KVM (or did not report its CPU)"
+    if source.vendor != target.vendor:
+        return f"its CPU is {target.vendor}, the source's {source.vendor}"
+    missing = sorted(set(source.features) - set(target.features))
+    if missing:
+        shown = ", ".join(missing[:8]) + (
+            f" and {len(missing) - 8} more" if len(missing) > 8 else ""
+        )
+        return f"its CPU ({target.model}) lacks features the guest may use: {shown}"
+    return None
+
+
 class Inventory(BaseModel):
     """What the host has, measured by its agent at start (pools: refreshed every minute)."""
 
@@ -54,6 +87,9 @@ class Inventory(BaseModel):
     corral_version: str
     driver: str
     pools: dict[str, PoolUsage] = Field(default_factory=dict)
+    cpu: HostCpu | None = Field(
+        default=None, description="the CPU guests see under KVM; None: no KVM guests here"
+    )
 
 
 class Allocated(BaseModel):

@@ -10,7 +10,7 @@ from typing import Any
 from corral.control.migrations import migration_records
 from corral.control.placement import vm_request
 from corral.errors import Conflict, NodeReason, NotFound, Unschedulable, ValidationFailed
-from corral.model import Migration, Pool, Task, Vm, Volume
+from corral.model import Migration, Node, Pool, Task, Vm, Volume, cpu_gap
 from corral.model.migration import MigrationOptions, MigrationRequest
 from corral.scheduler import Plan, schedule
 from corral.service.context import RequestMeta, ServiceContext
@@ -61,11 +61,9 @@ class MigrationService:
                     "target", "exists", f"no node {req.target!r}; see `corral node ls`"
                 )
         source_node = nodes.get(source)
-        source_driver = (
-            source_node.status.inventory.driver
-            if source_node and source_node.status.inventory
-            else None
-        )
+        source_inv = source_node.status.inventory if source_node else None
+        source_driver = source_inv.driver if source_inv else None
+        kvm = vm.status.runtime.get("qemu.accel") == "kvm"
         reasons: list[NodeReason] = []
         keep = []
         for view_node in snapshot.nodes:
@@ -81,6 +79,10 @@ class MigrationService:
                         view_node.name, f"runs driver {inv.driver}, the source {source_driver}"
                     )
                 )
+                continue
+            gap = cpu_gap(source_inv.cpu if source_inv else None, inv.cpu if inv else None)
+            if kvm and gap is not None:
+                reasons.append(NodeReason(view_node.name, f"-cpu host guest: {gap}"))
                 continue
             keep.append(view_node)
         snapshot = replace(snapshot, nodes=tuple(keep))
@@ -124,6 +126,7 @@ class MigrationService:
                 "placement": plan.as_dict(),
             }
         previous = await self.ctx.objects.find(Migration, name)
+        source = await self.ctx.objects.find(Node, str(vm.status.node))
         _, task, ops, expect = migration_records(
             vm,
             target,
@@ -134,6 +137,7 @@ class MigrationService:
             actor=meta.actor,
             request_id=meta.request_id,
             trace_id=meta.trace_id,
+            cpu=source.status.inventory.cpu if source and source.status.inventory else None,
         )
         try:
             rev = await self.ctx.store.commit(ops, expect)

@@ -15,7 +15,7 @@ from corral.control.operations import LiveMover, RelocatingMover
 from corral.control.placement import Allocation
 from corral.control.vms import VmLoop
 from corral.errors import Conflict
-from corral.model import Migration, Node, Vm, VmSpec, VmStatus, utcnow
+from corral.model import HostCpu, Migration, Node, Vm, VmSpec, VmStatus, utcnow
 from corral.model.migration import MigrationOptions, MigrationReport
 from corral.model.node import Inventory, NodeStatus
 from corral.state import KV, Delete, Expect, Objects, Put, keys
@@ -185,7 +185,7 @@ async def test_live_mover_writes_a_migration_and_follows_its_task() -> None:
     ("vm", "why"),
     [
         (_vm(state="stopped"), "vm web-1 is stopped"),
-        (_vm(runtime={"qemu.accel": "kvm"}), "guests under kvm use -cpu host"),
+        (_vm(runtime={"qemu.accel": "kvm"}), "-cpu host and n2 does not fit"),
     ],
 )
 async def test_live_mover_moves_cold_what_cannot_migrate(vm: Vm, why: str) -> None:
@@ -289,3 +289,23 @@ async def test_delete_forgets_a_vm_its_host_never_reported(
     await loop.reconcile("web-1")
 
     assert (ctx.vm("web-1") is None) == forgotten
+
+
+async def test_a_kvm_guest_moves_live_to_a_host_with_every_cpu_feature_of_its_own() -> None:
+    vm = _vm(runtime={"qemu.accel": "kvm"})
+    ctx = await _cluster(vm)
+    cpu = HostCpu(vendor="GenuineIntel", model="Xeon", features=["avx2", "sse4.2"])
+    for name, features in (("n1", cpu.features), ("n2", [*cpu.features, "avx512f"])):
+        cached = ctx.node(name)
+        assert cached is not None
+        node = cached.model_copy(deep=True)  # the context's own copy is never mutated
+        assert node.status.inventory is not None
+        node.status.inventory.cpu = cpu.model_copy(update={"features": features})
+        await _put(ctx, node)
+    mover = LiveMover(ctx)
+    assert mover.live_reason(vm, "n2") is None
+    handle = await mover.start(vm.name, "n2", "rebalance")
+    assert handle.startswith("live:")
+    migration = ctx.migration(vm.name)
+    assert migration is not None and migration.spec.cpu is not None
+    assert migration.spec.cpu.features == cpu.features  # what the target checks against

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Literal, Protocol
 
-from corral.model import VmSpec
+from corral.model import HostCpu, VmSpec
 
 __all__ = ["Driver", "DriverBoot", "DriverDisk", "DriverVm", "RuntimeState"]
 
@@ -68,6 +68,10 @@ class Driver(Protocol):
 
     async def fingerprint(self) -> dict[str, str]:
         """What this hypervisor offers (version, accelerator); goes into the node inventory."""
+
+    async def host_cpu(self) -> HostCpu | None:
+        """The CPU guests see under KVM (``-cpu host``) on this host, for live-migration
+        checks; None when guests do not run under KVM here."""
 
     async def recover(self) -> list[DriverVm]:
         """Re-attach to every VM a previous agent left: running ones stay running."""

@@ -37,7 +37,7 @@ from pydantic import ValidationError
 from corral import __version__
 from corral.agent.drivers.base import DriverDisk, DriverVm, RuntimeState
 from corral.errors import DriverError
-from corral.model import VmSpec
+from corral.model import HostCpu, VmSpec
 
 __all__ = ["HANDLE_DIR", "FakeDriver"]
 
@@ -262,6 +262,10 @@ class FakeDriver:
     async def fingerprint(self) -> dict[str, str]:
         """``{"hypervisor": "fake", "version": <corral version>}``."""
         return {"hypervisor": "fake", "version": __version__}
+
+    async def host_cpu(self) -> HostCpu | None:
+        """None: fake guests have no CPU model."""
+        return None
 
     async def recover(self) -> builtins.list[DriverVm]:
         """Every VM in the persisted table, untouched: running ones stay running."""

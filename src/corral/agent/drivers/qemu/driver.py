@@ -64,6 +64,7 @@ from corral.agent.drivers.qemu.handle import (
     top_node,
 )
 from corral.agent.drivers.qemu.process import (
+    expand_host_cpu,
     is_vm_process,
     launch,
     probe_kvm,
@@ -74,6 +75,7 @@ from corral.agent.drivers.qemu.process import (
 )
 from corral.agent.drivers.qemu.qmp import LIFECYCLE_EVENTS, QmpSession
 from corral.errors import DriverError
+from corral.model import HostCpu
 from corral.model.common import DNS_LABEL_RE
 from corral.model.vm import VmNic
 
@@ -156,7 +158,7 @@ class QemuDriver:
         boot: DirectKernelBoot | None = None,
         machine: Machine = "q35",
         vga: bool = True,
-        kvm_probe_timeout_s: float = 10.0,
+        kvm_probe_timeout_s: float = 3.0,
     ) -> None:
         """Load every handle in ``state_dir``; raises DriverError naming a corrupt one. Nothing
         is started or connected until a method needs it."""
@@ -177,6 +179,7 @@ class QemuDriver:
         self._connect_locks: dict[str, asyncio.Lock] = {}
         self._resolved: tuple[str, str] | None = None
         self._version: str | None = None
+        self._host_cpu: HostCpu | None = None
         self._probe_lock = asyncio.Lock()
         self._watchers: list[Callable[[str], None]] = []
         self._event_tasks: dict[str, asyncio.Task[None]] = {}
@@ -555,6 +558,20 @@ class QemuDriver:
             "machine": self.machine,
             "binary": shutil.which(self.qemu_binary) or self.qemu_binary,
         }
+
+    async def host_cpu(self) -> HostCpu | None:
+        """Under KVM, the CPU ``-cpu host`` guests see here (probed once); None under TCG,
+        or when the probe fails (then KVM guests of this host do not migrate live)."""
+        accel, _ = await self._accelerator()
+        if accel != "kvm":
+            return None
+        if self._host_cpu is None:
+            try:
+                self._host_cpu = await expand_host_cpu(self.qemu_binary)
+            except DriverError as exc:
+                log.warning("qemu driver: cannot read the host CPU model: %s", exc)
+                return None
+        return self._host_cpu
 
     async def recover(self) -> builtins.list[DriverVm]:
         """Every VM with a handle here, re-attached over QMP when its QEMU (same pid and uuid)

@@ -45,6 +45,7 @@ from corral.agent.drivers.qemu.driver import QemuDriver, _port_free
 from corral.agent.drivers.qemu.handle import QemuHandle, StoredDisk
 from corral.agent.drivers.qemu.process import launch
 from corral.errors import DriverError
+from corral.model import cpu_gap
 from corral.model.migration import IncomingMigration, MigrationReport, OutgoingMigration
 
 __all__ = ["MARKER_FILE", "Marker", "QemuMigrator"]
@@ -152,10 +153,12 @@ class QemuMigrator:
                 f"{accel} (the CPU model would differ); pick a host with the same accelerator"
             )
         if accel == "kvm":
-            raise DriverError(
-                "cannot receive: guests under kvm use -cpu host, which only migrates between "
-                "identical CPUs, and corral does not compare host CPUs yet"
-            )
+            gap = cpu_gap(inc.cpu, await self.driver.host_cpu())
+            if gap is not None:
+                raise DriverError(
+                    f"cannot receive: the guest runs with -cpu host and this host does not "
+                    f"match the source's CPU: {gap}"
+                )
         machines = await self._supported_machines()
         if inc.machine not in machines and not any(m.startswith(inc.machine) for m in machines):
             raise DriverError(f"cannot receive: this host's QEMU has no machine type {inc.machine}")
