@@ -328,10 +328,15 @@ class PlanApplier:
         *,
         release: Mapping[str, str] | None = None,
         assignment: Callable[[Vm], bytes] | None = None,
+        refreshed: bool = False,
     ) -> ApplyResult:
         """Commit ``placements`` (moving a VM off ``release[vm]`` when given) in one
         transaction. Plans that no longer fit are left out and returned as refused.
-        Raises Conflict when a VM, node or allocation record changed meanwhile."""
+
+        When the commit finds a record changed, the node and allocation records are read
+        afresh (a host's heartbeat rewrites its node record every few seconds, and the watch
+        can lag behind a busy leader) and the plans are checked and committed once more.
+        Raises Conflict when that fails too, or when a VM itself changed meanwhile."""
         allocs: dict[str, Allocation] = {}
         nodes: dict[str, Node] = {}
         refused: dict[str, str] = {}
@@ -386,7 +391,19 @@ class PlanApplier:
             before = self.allocation(name)
             expect.append(before.expect(name))
             ops.append(Put(keys.alloc_key(name), alloc.encode()))
-        await self.ctx.commit(ops, expect)
+        try:
+            await self.ctx.commit(ops, expect)
+        except Conflict:
+            if refreshed:
+                raise
+            fresh, _ = await self.ctx.store.get_many(
+                [Objects.key(Node, n) for n in nodes] + [keys.alloc_key(n) for n in allocs]
+            )
+            for kv in fresh.values():
+                self.ctx.informer.apply(kv)  # newer wins: never rolls the cache back
+            return await self.apply(
+                placements, release=release, assignment=assignment, refreshed=True
+            )
         return ApplyResult([p.vm.name for p in accepted], refused)
 
 
@@ -469,7 +486,11 @@ class PlacementLoop:
         try:
             return await self._pass(sorted(names))
         except BaseException:
-            self._everyone = True  # the queue retries the pass: it plans every VM again
+            # The queue retries the pass: it plans these VMs again (not every waiting VM: a
+            # conflict under a stream of creates would otherwise make each pass plan them all).
+            self._fresh.update(names)
+            if everyone:
+                self._everyone = True
             raise
 
     async def _pass(self, names: list[str]) -> Outcome:

@@ -4,6 +4,7 @@ and rebalances, and the switch-over moving the VM's allocation record."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
@@ -12,7 +13,7 @@ from corral.control.context import ControlSettings, LeaderContext
 from corral.control.informer import Informer
 from corral.control.migrations import MigrationLoop, migration_records, progress_step
 from corral.control.operations import LiveMover, RelocatingMover
-from corral.control.placement import Allocation
+from corral.control.placement import Allocation, Placement, PlanApplier
 from corral.control.vms import VmLoop
 from corral.errors import Conflict
 from corral.model import HostCpu, Migration, Node, Vm, VmSpec, VmStatus, utcnow
@@ -29,6 +30,18 @@ class MiniStore:
     def __init__(self) -> None:
         self.rev = TERM
         self.data: dict[str, KV] = {keys.LEADER: KV(keys.LEADER, b"me", TERM, TERM, 1, 0)}
+        self.commits = 0
+
+    async def get_many(self, wanted: Sequence[str]) -> tuple[dict[str, KV], int]:
+        return {k: self.data[k] for k in wanted if k in self.data}, self.rev
+
+    def write_behind_the_cache(self, obj: Any) -> None:
+        """What another process wrote, which this leader's watch has not delivered yet."""
+        self.rev += 1
+        old = self.data.get(Objects.key(type(obj), obj.name))
+        created = old.create_revision if old else self.rev
+        put = Objects.put(obj)
+        self.data[put.key] = KV(put.key, put.value, created, self.rev, 1, 0)
 
     async def commit(self, ops: Sequence[Put | Delete], expect: Sequence[Expect] = ()) -> int:
         for e in expect:
@@ -42,6 +55,7 @@ class MiniStore:
                 if have != e.mod_revision:
                     raise Conflict(f"{e.key}: revision {have}, not {e.mod_revision}")
         self.rev += 1
+        self.commits += 1
         for op in ops:
             if isinstance(op, Put):
                 old = self.data.get(op.key)
@@ -309,3 +323,44 @@ async def test_a_kvm_guest_moves_live_to_a_host_with_every_cpu_feature_of_its_ow
     migration = ctx.migration(vm.name)
     assert migration is not None and migration.spec.cpu is not None
     assert migration.spec.cpu.features == cpu.features  # what the target checks against
+
+
+async def _pending_and_heartbeat(cordon: bool) -> tuple[LeaderContext, MiniStore, ApplyOutcome]:
+    ctx, store = _ctx()
+    await _put(ctx, _node("n1"), _node("n2"))
+    vm = _vm("new-1", state="pending").model_copy(deep=True)
+    vm.status.node, vm.status.epoch = None, 0
+    await _put(ctx, vm)
+    cached = ctx.peek(Node, "n2")
+    assert cached is not None
+    beat = cached.model_copy(deep=True)  # a heartbeat (or a cordon) the watch has not brought
+    beat.status.heartbeat_at = utcnow()
+    beat.spec.cordoned = cordon
+    store.write_behind_the_cache(beat)
+    placing = ctx.peek(Vm, "new-1")
+    assert placing is not None
+    placing = placing.model_copy(deep=True)
+    placing.status.node, placing.status.state = "n2", "starting"
+    before = store.commits
+    result = await PlanApplier(ctx).apply([Placement(placing, "n2")])
+    return ctx, store, ApplyOutcome(result.committed, result.refused, store.commits - before)
+
+
+@dataclass
+class ApplyOutcome:
+    committed: list[str]
+    refused: dict[str, str]
+    commits: int
+
+
+async def test_the_plan_applier_rereads_a_node_its_watch_has_not_caught_up_with() -> None:
+    ctx, _, out = await _pending_and_heartbeat(cordon=False)
+    assert out.committed == ["new-1"] and out.commits == 1
+    placed = ctx.peek(Vm, "new-1")
+    assert placed is not None and placed.status.node == "n2"
+    assert "new-1" in _alloc(ctx, "n2")
+
+
+async def test_the_plan_applier_refuses_a_node_cordoned_behind_its_back() -> None:
+    _, _, out = await _pending_and_heartbeat(cordon=True)
+    assert out.committed == [] and "cordoned" in out.refused["new-1"] and out.commits == 0
