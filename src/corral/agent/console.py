@@ -159,33 +159,44 @@ class SerialHub:
             self.viewers.discard(viewer)
             if self.viewers:
                 return
-        await self.let_go()
+            # Detached under the lock: a viewer joining now gets a connection of its own.
+            writer, task = self._detach()
+        await _let_go(writer, task)
 
     async def let_go(self) -> None:
-        """Close the connection without losing what was typed last.
-
-        QEMU feeds the guest's UART a few bytes at a time and drops whatever it had not read
-        when the client hangs up. So the connection is half-closed: QEMU reads the rest, sees
-        end of file and closes its side, which ends the pump. A guest that takes no input
-        (stopped CPUs) is given ``_DRAIN_TIMEOUT_S``.
-        """
+        """Close the connection (the agent stops); see ``_let_go``."""
         async with self._lock:
-            writer, task = self._writer, self._reader_task
-            self._writer, self._reader_task = None, None
-        if writer is None:
-            return
-        with contextlib.suppress(OSError, RuntimeError):
-            writer.write_eof()
-        if task is not None:
-            try:
-                await asyncio.wait_for(asyncio.shield(task), _DRAIN_TIMEOUT_S)
-            except TimeoutError:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
-        writer.close()
-        with contextlib.suppress(OSError):
-            await writer.wait_closed()
+            writer, task = self._detach()
+        await _let_go(writer, task)
+
+    def _detach(self) -> tuple[asyncio.StreamWriter | None, asyncio.Task[None] | None]:
+        writer, task = self._writer, self._reader_task
+        self._writer, self._reader_task = None, None
+        return writer, task
+
+
+async def _let_go(writer: asyncio.StreamWriter | None, task: asyncio.Task[None] | None) -> None:
+    """Close a serial connection without losing what was typed last.
+
+    QEMU feeds the guest's UART a few bytes at a time and drops whatever it had not read when
+    the client hangs up. So the connection is half-closed: QEMU reads the rest, sees end of
+    file and closes its side, which ends the pump. A guest that takes no input (stopped CPUs)
+    is given ``_DRAIN_TIMEOUT_S``.
+    """
+    if writer is None:
+        return
+    with contextlib.suppress(OSError, RuntimeError):
+        writer.write_eof()
+    if task is not None:
+        try:
+            await asyncio.wait_for(asyncio.shield(task), _DRAIN_TIMEOUT_S)
+        except TimeoutError:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+    writer.close()
+    with contextlib.suppress(OSError):
+        await writer.wait_closed()
 
 
 class TcpChannel:
