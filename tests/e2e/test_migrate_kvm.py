@@ -9,10 +9,6 @@ CPU with a feature this host lacks is refused by the target's driver, naming the
 from __future__ import annotations
 
 import asyncio
-import os
-import shutil
-import signal
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,9 +20,8 @@ from corral.agent.drivers.qemu.process import expand_host_cpu, probe_kvm
 from corral.errors import DriverError
 from corral.model.migration import IncomingMigration
 from tests.e2e.conftest import DriverFactory
-from tests.e2e.test_cluster_qemu import REPO, alive
-from tests.e2e.test_migrate_qemu import FAST, create_vm, migrate_and_check
-from tests.integration.harness import AgentProcess, node_states, token, wait_for
+from tests.e2e.test_migrate_qemu import create_vm, migrate_and_check, two_hosts
+from tests.integration.harness import AgentProcess
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -45,45 +40,10 @@ KVM, KVM_BOOTS, WHY = _kvm_state()
 pytestmark = [pytestmark, pytest.mark.skipif(not KVM, reason=WHY)]
 
 
-def _env() -> dict[str, str]:
-    guest_dir = Path(os.environ.get("CORRAL_GUEST_DIR", REPO / ".cache" / "guest"))
-    return {
-        "CORRAL_DRIVER": "qemu",
-        "CORRAL_GUEST_IMAGE": str(guest_dir / "tiny.json"),
-        "CORRAL_QEMU_ACCEL": "kvm",
-        "CORRAL_STOP_TIMEOUT_S": "10",
-    }
-
-
 @pytest.fixture
 def hosts() -> Iterator[dict[str, Any]]:
-    data = Path(tempfile.mkdtemp(prefix="ck-", dir="/tmp"))
-    n1 = AgentProcess(data / "n1", name="n1", bind="127.0.0.1", env=_env(), extra_args=FAST)
-    agents = [n1]
-    try:
-        n1.start()
-        n2 = AgentProcess(
-            data / "n2",
-            name="n2",
-            bind="127.0.0.2",
-            env=_env(),
-            extra_args=[*FAST, *n1.join_args(token(n1, uses=1))],
-        )
-        agents.append(n2)
-        n2.start(bootstrap=False, timeout_s=90)
-        wait_for(lambda: node_states(n1) == {"n1": "ready", "n2": "ready"}, 60, "2 ready nodes")
-        yield {"n1": n1, "n2": n2, "data": data}
-    finally:
-        for a in agents:
-            try:
-                a.stop(timeout_s=30)
-            except AssertionError:
-                a.kill()
-        for pidfile in data.glob("*/driver/vms/*/qemu.pid"):
-            text = pidfile.read_text().strip()
-            if text and alive(int(text)):
-                os.kill(int(text), signal.SIGKILL)
-        shutil.rmtree(data, ignore_errors=True)
+    with two_hosts("kvm") as h:
+        yield h
 
 
 def test_hosts_report_the_cpu_their_kvm_guests_see(hosts: dict[str, Any]) -> None:
@@ -97,7 +57,9 @@ def test_hosts_report_the_cpu_their_kvm_guests_see(hosts: dict[str, Any]) -> Non
     assert cpus[0] == cpus[1]  # one machine: one CPU
 
 
-@pytest.mark.skipif(not KVM_BOOTS, reason=f"kvm guests do not boot here: {WHY}")
+@pytest.mark.skipif(
+    not KVM_BOOTS, reason=f"kvm guests do not boot here (runs where KVM works): {WHY}"
+)
 def test_a_kvm_guest_migrates_live_between_hosts_with_the_same_cpu(hosts: dict[str, Any]) -> None:
     n1: AgentProcess = hosts["n1"]
     shared = Path(hosts["data"]) / "shared"

@@ -8,6 +8,7 @@ leaves the guest on the source and no QEMU on the target.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -31,21 +32,22 @@ FAST = ["--lease-ttl-s", "6", "--leader-ttl-s", "4", "--node-down-after-s", "20"
 _BEAT = re.compile(r"corral-heartbeat (\d+)")
 
 
-def _env() -> dict[str, str]:
+def _env(accel: str = "tcg") -> dict[str, str]:
     guest_dir = Path(os.environ.get("CORRAL_GUEST_DIR", REPO / ".cache" / "guest"))
     return {
         "CORRAL_DRIVER": "qemu",
         "CORRAL_GUEST_IMAGE": str(guest_dir / "tiny.json"),
-        "CORRAL_QEMU_ACCEL": "tcg",
+        "CORRAL_QEMU_ACCEL": accel,
         "CORRAL_STOP_TIMEOUT_S": "10",
     }
 
 
-@pytest.fixture
-def hosts() -> Iterator[dict[str, Any]]:
+@contextlib.contextmanager
+def two_hosts(accel: str = "tcg") -> Iterator[dict[str, Any]]:
     """n1 (bootstrap) on 127.0.0.1 and n2 (second server) on 127.0.0.2, QEMU driver."""
     data = Path(tempfile.mkdtemp(prefix="cm-", dir="/tmp"))
-    n1 = AgentProcess(data / "n1", name="n1", bind="127.0.0.1", env=_env(), extra_args=FAST)
+    env = _env(accel)
+    n1 = AgentProcess(data / "n1", name="n1", bind="127.0.0.1", env=env, extra_args=FAST)
     agents = [n1]
     try:
         n1.start()
@@ -54,7 +56,7 @@ def hosts() -> Iterator[dict[str, Any]]:
             data / "n2",
             name="n2",
             bind="127.0.0.2",
-            env=_env(),
+            env=env,
             extra_args=[*FAST, *n1.join_args(t)],
         )
         agents.append(n2)
@@ -73,6 +75,12 @@ def hosts() -> Iterator[dict[str, Any]]:
             if text and alive(int(text)):
                 os.kill(int(text), signal.SIGKILL)
         shutil.rmtree(data, ignore_errors=True)
+
+
+@pytest.fixture
+def hosts() -> Iterator[dict[str, Any]]:
+    with two_hosts() as h:
+        yield h
 
 
 def vm_dir(hosts: dict[str, Any], node: str, name: str) -> Path:
