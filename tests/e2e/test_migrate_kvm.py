@@ -31,7 +31,7 @@ def _kvm_state() -> tuple[bool, bool, str]:
     try:
         asyncio.run(expand_host_cpu("qemu-system-x86_64"))
     except DriverError as exc:
-        return False, False, f"qemu cannot use kvm here: {exc}"
+        return False, False, f"qemu cannot use kvm here (runs where it can): {exc}"
     boots, why = asyncio.run(probe_kvm("qemu-system-x86_64", 3.0))
     return True, boots, why
 

@@ -80,8 +80,9 @@ class MigrationService:
                     )
                 )
                 continue
-            gap = cpu_gap(source_inv.cpu if source_inv else None, inv.cpu if inv else None)
-            if kvm and gap is not None:
+            source_cpu = source_inv.cpu if source_inv else None
+            gap = cpu_gap(source_cpu, inv.cpu if inv else None) if kvm else None
+            if gap is not None:
                 reasons.append(NodeReason(view_node.name, f"-cpu host guest: {gap}"))
                 continue
             keep.append(view_node)
