@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import random
 import signal
@@ -31,7 +32,9 @@ from pathlib import Path
 
 import httpx
 
-from bench._util import free_port, summary
+from bench._util import LeanHttp, free_port, summary
+from corral.daemon.identity import HostPki
+from corral.errors import Unavailable
 from corral.scheduler import (
     Group,
     NodeView,
@@ -42,6 +45,8 @@ from corral.scheduler import (
     Snapshot,
 )
 from corral.scheduler.rebalance import imbalance, plan_moves
+from corral.state import keys
+from corral.state.store import Store
 
 GIB = 1024**3
 ZONES = ("a", "b", "c")
@@ -161,7 +166,9 @@ def rebalance(hosts: int, vms_per_host: int, seed: int) -> None:
     )
 
 
-def _agent(data: Path, name: str, ip: str, join: list[str]) -> tuple[subprocess.Popen[bytes], str]:
+def _agent(
+    data: Path, name: str, ip: str, join: list[str]
+) -> tuple[subprocess.Popen[bytes], str, str]:
     port = free_port(ip)
     env = {k: v for k, v in os.environ.items() if not k.startswith("CORRAL_")}
     env.update(
@@ -193,7 +200,7 @@ def _agent(data: Path, name: str, ip: str, join: list[str]) -> tuple[subprocess.
     while time.monotonic() < deadline:
         try:
             if httpx.get(url + "/readyz", timeout=1).status_code == 200:
-                return proc, url
+                return proc, url, f"https://{ip}:{ports[0]}"
         except httpx.HTTPError:
             pass
         time.sleep(0.2)
@@ -201,64 +208,88 @@ def _agent(data: Path, name: str, ip: str, join: list[str]) -> tuple[subprocess.
     raise SystemExit(f"agent {name} did not become ready; see {data / name}.log")
 
 
-def _count(url: str) -> tuple[int, int, int]:
-    """(vms, placed, running) over every page."""
-    total = placed = running = 0
-    cursor = None
-    while True:
-        params: dict[str, object] = {"limit": 1000, "stale": "true"}
-        if cursor:
-            params["cursor"] = cursor
-        page = httpx.get(url + "/api/v1/vms", params=params, timeout=30).json()  # type: ignore[arg-type]
-        for v in page["items"]:
-            total += 1
-            placed += v["status"]["node"] is not None
-            running += v["status"]["state"] == "running"
-        cursor = page["next_cursor"]
-        if not cursor:
-            return total, placed, running
+class Progress:
+    """Counts VMs placed and running from a watch on one server's etcd member (with that
+    host's etcd certificate), so measuring costs the cluster one watch, not a listing of
+    every VM through the API every few milliseconds."""
+
+    def __init__(self, data: Path, name: str, endpoints: list[str]) -> None:
+        self.store = Store(endpoints, tls=HostPki(data / name).etcd_tls())
+        self.vms: dict[str, tuple[bool, bool]] = {}
+        self.placed = self.running = 0
+        self._task: asyncio.Task[None] | None = None
+
+    def _see(self, key: str, value: bytes | None) -> None:
+        old = self.vms.pop(key, (False, False))
+        new = (False, False)
+        if value is not None:
+            status = json.loads(value)["data"]["status"]
+            new = (status["node"] is not None, status["state"] == "running")
+            self.vms[key] = new
+        self.placed += new[0] - old[0]
+        self.running += new[1] - old[1]
+
+    async def start(self) -> None:
+        prefix = keys.kind_prefix("vms")
+        for _ in range(100):
+            try:
+                items, rev = await self.store.list_all(prefix)
+                break
+            except Unavailable:  # a member still a learner: the store tries the next one
+                await asyncio.sleep(0.3)
+        else:
+            raise SystemExit("no etcd member answered the progress watch")
+        for kv in items:
+            self._see(kv.key, kv.value)
+
+        async def follow() -> None:
+            async for ev in self.store.watch(prefix, rev):
+                self._see(ev.kv.key, ev.kv.value if ev.type == "put" else None)
+
+        self._task = asyncio.create_task(follow())
+
+    async def until(self, placed: int, running: int = 0) -> float:
+        """Wait until that many VMs are placed (and running); the perf_counter then."""
+        while self.placed < placed or self.running < running:
+            if self._task is not None and self._task.done():
+                self._task.result()
+            await asyncio.sleep(0.005)
+        return time.perf_counter()
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+        await self.store.close()
 
 
 async def _create(urls: list[str], count: int, in_flight: int, prefix: str = "e2e") -> list[float]:
-    """POST ``count`` VMs with ``in_flight`` workers spread evenly over the servers, each
+    """POST ``count`` VMs over ``in_flight`` connections spread evenly over the servers, each
     taking the next VM when its previous one was accepted (a slower server, such as the
     leader, gets fewer, as behind a least-outstanding-requests balancer)."""
     latencies: list[float] = []
     per_server = max(in_flight // len(urls), 1)
-    clients = [
-        httpx.AsyncClient(base_url=u, timeout=60, limits=httpx.Limits(max_connections=per_server))
-        for u in urls
-    ]
+    conns = [LeanHttp(u) for u in urls for _ in range(per_server)]
     todo = iter(range(count))
-    try:
+    pid = os.getpid()
 
-        async def one(client: httpx.AsyncClient, i: int) -> None:
+    async def worker(conn: LeanHttp) -> None:
+        for i in todo:
             t0 = time.perf_counter()
-            key = {"Idempotency-Key": f"{prefix}-{i}-{os.getpid()}"}
-            for attempt in range(3):
-                try:
-                    r = await client.post(
-                        "/api/v1/vms",
-                        json={"name": f"{prefix}-{i}", "memory_mib": 64},
-                        headers=key,
-                    )
-                    break
-                except httpx.TransportError as exc:
-                    # A dropped keep-alive connection: the same key makes the retry safe.
-                    if attempt == 2:
-                        raise SystemExit(f"create {prefix}-{i} failed: {exc!r}") from exc
+            # A retried POST (dropped connection) carries the same key: it is safe.
+            status, text = await conn.post(
+                "/api/v1/vms",
+                {"name": f"{prefix}-{i}", "memory_mib": 64},
+                {"Idempotency-Key": f"{prefix}-{i}-{pid}"},
+            )
             latencies.append(time.perf_counter() - t0)
-            if r.status_code not in (200, 202):
-                raise SystemExit(f"create failed: {r.status_code} {r.text}")
+            if status not in (200, 202):
+                raise SystemExit(f"create {prefix}-{i} failed: {status} {text.decode()}")
 
-        async def worker(client: httpx.AsyncClient) -> None:
-            for i in todo:
-                await one(client, i)
-
-        await asyncio.gather(*(worker(c) for c in clients for _ in range(per_server)))
+    try:
+        await asyncio.gather(*(worker(c) for c in conns))
     finally:
-        for c in clients:
-            await c.aclose()
+        for c in conns:
+            await c.close()
     return latencies
 
 
@@ -267,13 +298,15 @@ def e2e(count: int, in_flight: int) -> None:
         data = Path(os.environ.get("BENCH_DIR") or tmp)
         procs: list[subprocess.Popen[bytes]] = []
         try:
-            p1, u1 = _agent(data, "s1", "127.0.0.1", [])
+            p1, u1, e1 = _agent(data, "s1", "127.0.0.1", [])
             procs.append(p1)
             r = httpx.post(u1 + "/api/v1/tokens", json={"uses": 5}, timeout=10)
             secret = r.json()["secret"]
             urls = [u1]
+            etcd = [e1]
             for name, ip in (("s2", "127.0.0.2"), ("s3", "127.0.0.3")):
-                p, u = _agent(data, name, ip, ["--join", urls[-1], "--token", secret])
+                p, u, e = _agent(data, name, ip, ["--join", urls[-1], "--token", secret])
+                etcd.insert(0, e)
                 procs.append(p)
                 urls.append(u)
             while True:
@@ -282,45 +315,7 @@ def e2e(count: int, in_flight: int) -> None:
                     break
                 time.sleep(0.2)
             print(f"end to end, 3 servers ({', '.join(urls)}), fake driver, {in_flight} in flight")
-            start = time.perf_counter()
-            lat = asyncio.run(_create(urls, count, in_flight))
-            posted = time.perf_counter() - start
-            print(summary("POST /api/v1/vms (accepted)", lat, posted))
-            # Progress is polled from the last server (s1, which bootstrapped, most likely
-            # leads): listing every VM costs CPU the leader needs on a small machine.
-            watch = urls[-1]
-            placed_at = running_at = None
-            while running_at is None:
-                _, placed, running = _count(watch)
-                now = time.perf_counter() - start
-                if placed_at is None and placed >= count:
-                    placed_at = now
-                if running >= count:
-                    running_at = now
-                time.sleep(0.1)
-            assert placed_at is not None
-            print(
-                f"{'placed (first POST -> last node)':<34} {count:>6} vms  "
-                f"{count / placed_at:>8.0f}/s  in {placed_at:.2f} s"
-            )
-            print(
-                f"{'running (first POST -> last run)':<34} {count:>6} vms  "
-                f"{count / running_at:>8.0f}/s  in {running_at:.2f} s"
-            )
-            # The leader alone: VMs queued while every host is cordoned, then released at once.
-            for n in ("s1", "s2", "s3"):
-                httpx.post(f"{u1}/api/v1/nodes/{n}/cordon", timeout=10).raise_for_status()
-            asyncio.run(_create(urls, count, in_flight, prefix="q"))
-            start = time.perf_counter()
-            for n in ("s1", "s2", "s3"):
-                httpx.post(f"{u1}/api/v1/nodes/{n}/uncordon", timeout=10).raise_for_status()
-            while _count(watch)[1] < 2 * count:
-                time.sleep(0.1)
-            took = time.perf_counter() - start
-            print(
-                f"{'queued burst placed (uncordon)':<34} {count:>6} vms  "
-                f"{count / took:>8.0f}/s  in {took:.2f} s"
-            )
+            asyncio.run(_measure(urls, data, etcd, count, in_flight))
         finally:
             for p in procs:
                 p.send_signal(signal.SIGTERM)
@@ -329,6 +324,50 @@ def e2e(count: int, in_flight: int) -> None:
                     p.wait(30)
                 except subprocess.TimeoutExpired:
                     p.kill()
+
+
+async def _measure(
+    urls: list[str], data: Path, etcd: list[str], count: int, in_flight: int
+) -> None:
+    # Progress is watched on s3's etcd member (s1, which bootstrapped, most likely leads).
+    progress = Progress(data, "s3", etcd)
+    await progress.start()
+    try:
+        rev0 = await progress.store.revision()
+        start = time.perf_counter()
+        creating = asyncio.create_task(_create(urls, count, in_flight))
+        placed = asyncio.create_task(progress.until(count))
+        running = asyncio.create_task(progress.until(count, count))
+        lat = await creating
+        posted = time.perf_counter() - start
+        print(summary("POST /api/v1/vms (accepted)", lat, posted))
+        placed_at = await placed - start
+        running_at = await running - start
+        print(
+            f"{'placed (first POST -> last node)':<34} {count:>6} vms  "
+            f"{count / placed_at:>8.0f}/s  in {placed_at:.2f} s"
+        )
+        print(
+            f"{'running (first POST -> last run)':<34} {count:>6} vms  "
+            f"{count / running_at:>8.0f}/s  in {running_at:.2f} s"
+        )
+        writes = await progress.store.revision() - rev0
+        print(f"{'etcd write transactions per vm':<34} {writes / count:>6.2f}")
+        # The leader alone: VMs queued while every host is cordoned, then released at once.
+        async with httpx.AsyncClient(base_url=urls[0], timeout=10) as api:
+            for n in ("s1", "s2", "s3"):
+                (await api.post(f"/api/v1/nodes/{n}/cordon")).raise_for_status()
+            await _create(urls, count, in_flight, prefix="q")
+            start = time.perf_counter()
+            for n in ("s1", "s2", "s3"):
+                (await api.post(f"/api/v1/nodes/{n}/uncordon")).raise_for_status()
+        took = await progress.until(2 * count) - start
+        print(
+            f"{'queued burst placed (uncordon)':<34} {count:>6} vms  "
+            f"{count / took:>8.0f}/s  in {took:.2f} s"
+        )
+    finally:
+        await progress.close()
 
 
 def main() -> None:

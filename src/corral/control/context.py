@@ -9,6 +9,7 @@ from typing import TypeVar
 from corral.control.informer import Informer
 from corral.model import Assignment, Group, Image, Migration, Node, Pool, Task, Vm, Volume
 from corral.model.common import ObjectMeta
+from corral.scheduler import PlacedVm
 from corral.state import KV, Delete, Expect, Objects, Put, Store, keys
 from corral.state.codec import decode
 from corral.state.objects import kind_of
@@ -47,6 +48,9 @@ class LeaderContext:
     _used: dict[str, list[int]] = field(default_factory=dict)
     # node -> vm -> (vCPUs, MiB): what the allocation records should say.
     _placed: dict[str, dict[str, tuple[int, int]]] = field(default_factory=dict)
+    # Placement's view of each placed VM without disks or group: name -> (mod_revision,
+    # PlacedVm), so a placement pass does not rebuild every VM's request.
+    placed_requests: dict[str, tuple[int, PlacedVm]] = field(default_factory=dict)
 
     @property
     def fence(self) -> Expect:
@@ -69,8 +73,9 @@ class LeaderContext:
         self._cache.pop(key, None)
         self._assignments.pop(key, None)
 
-    def track(self, key: str) -> None:
-        """Update the per-node usage after the VM at ``key`` changed (or went)."""
+    def track(self, key: str) -> bool:
+        """Update the per-node usage after the VM at ``key`` changed (or went); whether what
+        it takes where (host, vCPUs, MiB) changed."""
         old = self._taken.pop(key, None)
         if old is not None:
             used = self._used[old[0]]
@@ -80,7 +85,7 @@ class LeaderContext:
             self._placed.get(old[0], {}).pop(keys.name_from_key(key), None)
         kv = self.informer.get(key)
         if kv is None:
-            return
+            return old is not None
         vm = self._decoded(Vm, kv)
         if vm.status.node:
             self._taken[key] = (vm.status.node, vm.spec.vcpus, vm.spec.memory_mib)
@@ -92,6 +97,7 @@ class LeaderContext:
                 vm.spec.vcpus,
                 vm.spec.memory_mib,
             )
+        return self._taken.get(key) != old
 
     def node_of(self, key: str) -> str | None:
         """The node the VM at ``key`` was placed on, as last tracked."""

@@ -77,13 +77,14 @@ class LeaderLoops:
             self.ctx.forget(key)
         if key.startswith(_VMS):
             before = self.ctx.node_of(key)
-            self.ctx.track(key)
+            moved = self.ctx.track(key)
             after = self.ctx.node_of(key)
             name = keys.name_from_key(key)
             self.vms.add(name)
             if self.informer.get(keys.object_key("migrations", name)) is not None:
                 self.migrations.add(name)
-            for node in {before, after} - {None}:
+            # A status report changes no allocation: only a VM placed, moved, resized or gone.
+            for node in ({before, after} - {None}) if moved else ():
                 assert node is not None
                 self.allocations.add(node)
             if before is not None and after is None:

@@ -72,6 +72,10 @@ Pin = Callable[[Vm], "tuple[str, str] | None"]
 # -- allocation records ------------------------------------------------------------------
 
 
+# Allocation record key -> (its bytes, their decoding), last seen.
+_DECODED: dict[str, tuple[bytes, dict[str, tuple[int, int]]]] = {}
+
+
 @dataclass
 class Allocation:
     """What the VMs placed on one host take: VM name -> (vCPUs, MiB)."""
@@ -94,13 +98,19 @@ class Allocation:
 
     @classmethod
     def decode(cls, kv: KV) -> Allocation:
+        """The record in ``kv`` (a copy of its last decoding when the record is unchanged:
+        a host's record lists every VM on it and is read on each placement there)."""
+        hit = _DECODED.get(kv.key)
+        if hit is not None and hit[0] == kv.value:
+            return cls(dict(hit[1]), kv.mod_revision)
         try:
             data = json.loads(kv.value)
             vms = {str(n): (int(v[0]), int(v[1])) for n, v in data["vms"].items()}
         except (ValueError, KeyError, TypeError, IndexError):
             log.error("unreadable allocation record %s; rebuilding it", kv.key)
             vms = {}
-        return cls(vms, kv.mod_revision)
+        _DECODED[kv.key] = (kv.value, vms)
+        return cls(dict(vms), kv.mod_revision)
 
     def expect(self, node: str) -> Expect:
         key = keys.alloc_key(node)
@@ -214,6 +224,7 @@ def build_snapshot(
     memory_allocation_ratio: float,
     pin: Pin | None = None,
     migrations: Iterable[Migration] = (),
+    requests: dict[str, tuple[int, PlacedVm]] | None = None,
 ) -> Snapshot:
     """The cluster as the scheduler sees it. Usage comes from the allocation records plus the
     live migrations heading to a host (the guest takes room there before its switch-over moves
@@ -241,8 +252,18 @@ def build_snapshot(
     placed = []
     for vm in vms:
         if vm.status.node in known:
+            # A VM without disks or group asks the same for as long as its record is
+            # unchanged: ``requests`` (name -> (mod_revision, PlacedVm)) keeps it across passes.
+            plain = requests is not None and not vm.spec.disks and vm.spec.group is None
+            hit = requests.get(vm.name) if plain and requests is not None else None
+            if hit is not None and hit[0] == vm.mod_revision and vm.mod_revision:
+                placed.append(hit[1])
+                continue
             pinned = pin(vm) if pin is not None and vm.spec.disks else None
-            placed.append(PlacedVm(vm.status.node, vm_request(vm, pinned, sched_groups)))
+            one = PlacedVm(vm.status.node, vm_request(vm, pinned, sched_groups))
+            if plain and requests is not None:
+                requests[vm.name] = (vm.mod_revision, one)
+            placed.append(one)
     return Snapshot(
         tuple(views),
         cpu_allocation_ratio,
@@ -281,20 +302,41 @@ class Placement:
 
 def fits(node: Node, alloc: Allocation, settings_ratios: tuple[float, float]) -> str | None:
     """None when ``alloc`` fits on ``node`` now, else why not (the applier's re-check)."""
-    view = node_view(node, alloc)
-    if view is None:
-        return f"node {node.name} has no inventory"
-    if node.status.state != "ready":
-        return f"node {node.name} is {node.status.state}"
-    if node.spec.maintenance or node.spec.cordoned:
-        return f"node {node.name} is {'in maintenance' if node.spec.maintenance else 'cordoned'}"
-    snap = Snapshot((view,), settings_ratios[0], settings_ratios[1])
-    cpu, mem = cpu_capacity(snap, view), memory_capacity(snap, view)
-    if alloc.vcpus > cpu:
-        return f"node {node.name}: vCPUs would be {alloc.vcpus} of {cpu}"
-    if alloc.memory_mib > mem:
-        return f"node {node.name}: memory would be {alloc.memory_mib} of {mem} MiB"
-    return None
+    return _Room.of(node, settings_ratios).why_not(alloc.vcpus, alloc.memory_mib)
+
+
+@dataclass(frozen=True)
+class _Room:
+    """What a host takes (its capacity after ratios and reservations), or why it takes
+    nothing; computed once per host and commit."""
+
+    node: str
+    closed: str | None
+    cpu: int
+    memory_mib: int
+
+    @classmethod
+    def of(cls, node: Node, settings_ratios: tuple[float, float]) -> _Room:
+        view = node_view(node, Allocation())
+        if view is None:
+            return cls(node.name, f"node {node.name} has no inventory", 0, 0)
+        closed = None
+        if node.status.state != "ready":
+            closed = f"node {node.name} is {node.status.state}"
+        elif node.spec.maintenance or node.spec.cordoned:
+            why = "in maintenance" if node.spec.maintenance else "cordoned"
+            closed = f"node {node.name} is {why}"
+        snap = Snapshot((view,), settings_ratios[0], settings_ratios[1])
+        return cls(node.name, closed, cpu_capacity(snap, view), memory_capacity(snap, view))
+
+    def why_not(self, vcpus: int, memory_mib: int) -> str | None:
+        if self.closed is not None:
+            return self.closed
+        if vcpus > self.cpu:
+            return f"node {self.node}: vCPUs would be {vcpus} of {self.cpu}"
+        if memory_mib > self.memory_mib:
+            return f"node {self.node}: memory would be {memory_mib} of {self.memory_mib} MiB"
+        return None
 
 
 @dataclass
@@ -337,31 +379,51 @@ class PlanApplier:
         afresh (a host's heartbeat rewrites its node record every few seconds, and the watch
         can lag behind a busy leader) and the plans are checked and committed once more.
         Raises Conflict when that fails too, or when a VM itself changed meanwhile."""
+        # Per host touched: its record as it will be written (a private copy, made once),
+        # what it takes, and its running vCPU and MiB sums.
         allocs: dict[str, Allocation] = {}
+        rooms: dict[str, _Room] = {}
+        sums: dict[str, list[int]] = {}
         nodes: dict[str, Node] = {}
+        changed: set[str] = set()
         refused: dict[str, str] = {}
         accepted: list[Placement] = []
         release = release or {}
+
+        def working(name: str) -> Allocation:
+            alloc = allocs.get(name)
+            if alloc is None:
+                alloc = allocs[name] = self.allocation(name)  # a fresh copy
+                sums[name] = [alloc.vcpus, alloc.memory_mib]
+            return alloc
+
         for p in placements:
             node = nodes.get(p.node) or self.ctx.peek(Node, p.node)
             if node is None:
                 refused[p.vm.name] = f"node {p.node} is gone"
                 continue
             nodes[p.node] = node
-            alloc = allocs.get(p.node) or self.allocation(p.node)
-            trial = alloc.copy()
-            trial.vms[p.vm.name] = (p.vm.spec.vcpus, p.vm.spec.memory_mib)
-            why = fits(node, trial, self.ratios())
+            room = rooms.get(p.node) or rooms.setdefault(p.node, _Room.of(node, self.ratios()))
+            alloc = working(p.node)
+            total = sums[p.node]
+            old = alloc.vms.get(p.vm.name, (0, 0))
+            want = (p.vm.spec.vcpus, p.vm.spec.memory_mib)
+            vcpus, memory = total[0] - old[0] + want[0], total[1] - old[1] + want[1]
+            why = room.why_not(vcpus, memory)
             if why is not None:
                 refused[p.vm.name] = why
                 continue
-            allocs[p.node] = trial
+            alloc.vms[p.vm.name] = want
+            total[:] = [vcpus, memory]
+            changed.add(p.node)
             source = release.get(p.vm.name)
-            if source is not None:
-                src = allocs.get(source) or self.allocation(source)
-                src = src.copy()
-                src.vms.pop(p.vm.name, None)
-                allocs[source] = src
+            if source is not None and source != p.node:
+                changed.add(source)
+                src = working(source)
+                gone = src.vms.pop(p.vm.name, None)
+                if gone is not None:
+                    sums[source][0] -= gone[0]
+                    sums[source][1] -= gone[1]
                 src_node = nodes.get(source) or self.ctx.peek(Node, source)
                 if src_node is not None:
                     nodes[source] = src_node
@@ -388,6 +450,8 @@ class PlanApplier:
             expect.append(Objects.expect_unchanged(node))
         # Allocation records last: whoever sees a record has seen the VMs written with it.
         for name, alloc in allocs.items():
+            if name not in changed:
+                continue
             before = self.allocation(name)
             expect.append(before.expect(name))
             ops.append(Put(keys.alloc_key(name), alloc.encode()))
@@ -428,6 +492,9 @@ def cluster_config(ctx: LeaderContext) -> ClusterConfig:
 def leader_snapshot(ctx: LeaderContext) -> Snapshot:
     """The snapshot from the leader's cache."""
     vms = ctx.all(Vm)
+    requests = ctx.placed_requests
+    if len(requests) > 2 * len(vms) + 1000:
+        requests.clear()  # VMs that are gone
     return build_snapshot(
         nodes=ctx.all(Node),
         vms=vms,
@@ -438,6 +505,7 @@ def leader_snapshot(ctx: LeaderContext) -> Snapshot:
         memory_allocation_ratio=ctx.settings.memory_allocation_ratio,
         pin=lambda vm: volume_host(ctx, vm),
         migrations=ctx.all(Migration),
+        requests=requests,
     )
 
 

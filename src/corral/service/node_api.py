@@ -180,55 +180,72 @@ class LocalNodeService:
         return not (report.role == "source" and report.status in ("cancelled", "failed"))
 
     async def report(self, node: str, observations: list[VmObservation]) -> None:
+        """Record observations; those of different VMs at once (their reads and writes then
+        share etcd round trips), those of one VM in order."""
+        by_vm: dict[str, list[VmObservation]] = {}
         for obs in observations:
-            if obs.migration is not None and await self._migration_report(node, obs):
-                continue
+            by_vm.setdefault(obs.vm, []).append(obs)
 
-            placed_here: list[bool] = []
+        async def in_order(group: list[VmObservation]) -> None:
+            for obs in group:
+                await self._report_one(node, obs)
 
-            def observe(
-                vm: Vm, obs: VmObservation = obs, placed_here: list[bool] = placed_here
-            ) -> Vm | None:
-                placed_here[:] = [vm.id == obs.vm_id and vm.status.node == node]
-                if vm.id != obs.vm_id or vm.status.node != node or obs.epoch < vm.status.epoch:
-                    return None  # a stale report about an older placement
-                st = vm.status
-                state = "deleting" if vm.deleting else obs.state
-                new = (
-                    state,
-                    obs.observed_generation,
-                    obs.started_at,
-                    obs.message,
-                    obs.runtime,
-                    obs.epoch,
-                )
-                have = (
-                    st.state,
-                    st.observed_generation,
-                    st.started_at,
-                    st.message,
-                    st.runtime,
-                    st.observed_epoch,
-                )
-                if have == new:
-                    return None
-                st.observed_epoch = obs.epoch
-                st.state = state
-                st.observed_generation = max(st.observed_generation, obs.observed_generation)
-                st.started_at = obs.started_at
-                st.message = obs.message
-                st.runtime = dict(obs.runtime)
-                return vm
+        results = await asyncio.gather(
+            *(in_order(g) for g in by_vm.values()), return_exceptions=True
+        )
+        for r in results:
+            if isinstance(r, BaseException):
+                raise r
 
-            try:
-                await self.ctx.objects.update(Vm, obs.vm, observe)
-            except NotFound:
-                log.info("report about vm %s, which no longer exists", obs.vm)
-                continue
-            if not all(placed_here):
-                continue  # e.g. the source of a finished migration: its files are not the VM's
-            for volume, path in obs.volumes.items():
-                await self._volume_made(node, volume, path)
+    async def _report_one(self, node: str, obs: VmObservation) -> None:
+        if obs.migration is not None and await self._migration_report(node, obs):
+            return
+
+        placed_here: list[bool] = []
+
+        def observe(
+            vm: Vm, obs: VmObservation = obs, placed_here: list[bool] = placed_here
+        ) -> Vm | None:
+            placed_here[:] = [vm.id == obs.vm_id and vm.status.node == node]
+            if vm.id != obs.vm_id or vm.status.node != node or obs.epoch < vm.status.epoch:
+                return None  # a stale report about an older placement
+            st = vm.status
+            state = "deleting" if vm.deleting else obs.state
+            new = (
+                state,
+                obs.observed_generation,
+                obs.started_at,
+                obs.message,
+                obs.runtime,
+                obs.epoch,
+            )
+            have = (
+                st.state,
+                st.observed_generation,
+                st.started_at,
+                st.message,
+                st.runtime,
+                st.observed_epoch,
+            )
+            if have == new:
+                return None
+            st.observed_epoch = obs.epoch
+            st.state = state
+            st.observed_generation = max(st.observed_generation, obs.observed_generation)
+            st.started_at = obs.started_at
+            st.message = obs.message
+            st.runtime = dict(obs.runtime)
+            return vm
+
+        try:
+            await self.ctx.objects.update(Vm, obs.vm, observe)
+        except NotFound:
+            log.info("report about vm %s, which no longer exists", obs.vm)
+            return
+        if not all(placed_here):
+            return  # e.g. the source of a finished migration: its files are not the VM's
+        for volume, path in obs.volumes.items():
+            await self._volume_made(node, volume, path)
 
     async def _volume_made(self, node: str, name: str, path: str) -> None:
         """Record that the volume's file exists on ``node`` (once: later reports change

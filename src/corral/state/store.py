@@ -28,6 +28,7 @@ from aetcd import watcher as aetcd_watcher
 from aetcd.utils import prefix_range_end
 
 from corral.errors import Conflict, CorralError, Malformed, Unavailable
+from corral.state.batch import CommitBatcher, ReadBatcher
 
 __all__ = [
     "KV",
@@ -222,6 +223,8 @@ class Store:
         self._lock = asyncio.Lock()
         # Clients replaced by prefer(), closed once the calls in flight on them had time to end.
         self._retiring: dict[asyncio.Task[None], aetcd.Client] = {}
+        self._batcher = CommitBatcher(self._txn)  # type: ignore[arg-type]
+        self._reads = ReadBatcher(self._read_many)  # type: ignore[arg-type]
 
     @property
     def endpoint(self) -> str:
@@ -322,13 +325,16 @@ class Store:
     # -- reads -----------------------------------------------------------------------------
 
     async def get(self, key: str, *, serializable: bool = False) -> KV | None:
-        async def run(c: aetcd.Client) -> KV | None:
-            got = await c.get(key.encode(), serializable=serializable)
-            return None if got is None else _kv(got)
+        """One key. Concurrent gets share one read (see ``corral.state.batch``)."""
+        return await self._reads.get(key, serializable)  # type: ignore[return-value]
 
-        return await self._call(run)
+    async def _read_many(self, keys: Sequence[str], serializable: bool) -> dict[str, KV]:
+        found, _ = await self.get_many(keys, serializable=serializable)
+        return found
 
-    async def get_many(self, keys: Sequence[str]) -> tuple[dict[str, KV], int]:
+    async def get_many(
+        self, keys: Sequence[str], *, serializable: bool = False
+    ) -> tuple[dict[str, KV], int]:
         """Read several keys at one revision (a transaction of ranges)."""
         if not keys:
             return {}, await self.revision()
@@ -337,7 +343,10 @@ class Store:
             req = rpc.TxnRequest(
                 compare=[],
                 success=[
-                    rpc.RequestOp(request_range=rpc.RangeRequest(key=k.encode())) for k in keys
+                    rpc.RequestOp(
+                        request_range=rpc.RangeRequest(key=k.encode(), serializable=serializable)
+                    )
+                    for k in keys
                 ],
             )
             resp = await c.kvstub.Txn(req, timeout=self._timeout_s, metadata=c.metadata)
@@ -412,7 +421,12 @@ class Store:
         """Apply ``ops`` atomically if every expectation holds; return the new revision.
 
         Raises Conflict (nothing written) when an expectation fails, Unavailable on etcd errors.
+        Concurrent commits may share one etcd transaction (see ``corral.state.batch``): the
+        revision returned is then that of the shared transaction.
         """
+        return await self._batcher.commit(ops, expect)
+
+    async def _txn(self, ops: Sequence[Put | Delete], expect: Sequence[Expect]) -> int:
 
         def compare(e: Expect) -> Any:
             if e.create_revision is not None:

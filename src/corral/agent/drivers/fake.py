@@ -25,7 +25,6 @@ import builtins
 import fnmatch
 import json
 import os
-import tempfile
 from collections.abc import Callable
 from dataclasses import asdict, replace
 from datetime import UTC, datetime, timedelta
@@ -163,15 +162,18 @@ class FakeDriver:
         """Write ``vm``'s handle file atomically: readers see the old file or the new one."""
         path = self._handle(vm.name)
         doc = {"version": _FORMAT_VERSION, **_to_json(vm)}
+        # One line: json's C encoder (indent= falls back to pure Python).
+        data = json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
+        # One writer per VM at a time, and no await in between: a fixed temporary name.
+        tmp = path.with_name(f".{path.name}.tmp")
         try:
             self._dir.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=self._dir)
             try:
-                with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                    json.dump(doc, fh, indent=1, sort_keys=True)
+                with open(tmp, "wb") as fh:
+                    fh.write(data)
                 os.replace(tmp, path)
             except BaseException:
-                Path(tmp).unlink(missing_ok=True)
+                tmp.unlink(missing_ok=True)
                 raise
         except OSError as exc:
             raise DriverError(f"fake driver: cannot write {path}: {exc}") from exc
