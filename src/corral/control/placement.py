@@ -20,6 +20,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -599,17 +600,37 @@ class PlacementLoop:
             placed_msgs.append(message)
         done = 0
         refused: dict[str, str] = {}
-        for start in range(0, len(batch), BATCH):
-            chunk = batch[start : start + BATCH]
-            # A Conflict (something changed under the plans) propagates: the queue runs the
-            # pass again on fresh state.
-            result = await self.applier.apply(chunk)
-            for name in result.committed:
-                self.pending.discard(name)
-            done += len(result.committed)
-            refused.update(result.refused)
-        for vm, record, message in unplaced:
-            await self._keep_pending(vm, record, message)
+        by_node: dict[str, list[Placement]] = {}
+        for p in batch:
+            by_node.setdefault(p.node, []).append(p)
+
+        async def commit_to(placements: list[Placement]) -> None:
+            nonlocal done
+            for start in range(0, len(placements), BATCH):
+                result = await self.applier.apply(placements[start : start + BATCH])
+                for name in result.committed:
+                    self.pending.discard(name)
+                done += len(result.committed)
+                refused.update(result.refused)
+
+        # Hosts' chunks commit side by side (each writes its own host's allocation record;
+        # one host's chunks go one after the other). A Conflict (something changed under
+        # the plans) propagates once all are done: the queue runs the pass again on fresh
+        # state, for the VMs still without a host.
+        outcomes = await asyncio.gather(
+            *(commit_to(ps) for ps in by_node.values()), return_exceptions=True
+        )
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException):
+                raise outcome
+        # Side by side: their writes share etcd transactions (a pass may find hundreds).
+        kept = await asyncio.gather(
+            *(self._keep_pending(vm, record, message) for vm, record, message in unplaced),
+            return_exceptions=True,
+        )
+        for outcome in kept:
+            if isinstance(outcome, BaseException):
+                raise outcome
         if refused:
             log.info("plan applier refused %d plans (%s); re-planning", len(refused), refused)
             self._fresh.update(refused)

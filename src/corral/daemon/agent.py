@@ -611,6 +611,8 @@ class Agent:
                 log_config=None,
                 lifespan="off",
                 access_log=False,
+                # No proxy in front of the API is trusted to say who the client is.
+                proxy_headers=False,
                 timeout_graceful_shutdown=5,
             )
         )

@@ -78,8 +78,10 @@ class CommitBatcher:
             sum(len(o.key) + len(getattr(o, "value", b"")) + 16 for o in ops),
             loop.create_future(),
         )
-        if len(entry.writes) != len(ops):
-            # etcd refuses a transaction writing one key twice; it is sent alone to say so.
+        if len(entry.writes) != len(ops) or len(ops) >= MAX_OPS // 2:
+            # etcd refuses a transaction writing one key twice: it is sent alone to say so.
+            # A large one (a placement pass's chunk) gains nothing from company and would
+            # wait behind the transaction in flight: it goes at once, on its own.
             return await self._send(ops, expect)
         self._queue.append(entry)
         # Senders of a loop that is gone (tests run one loop after another) count for nothing.

@@ -38,6 +38,23 @@ async def test_restarted_driver_recovers_running_vm_with_same_started_at(
     assert recovered.spec == VmSpec()
 
 
+async def test_a_shorter_record_rewritten_in_place_reads_back_whole(tmp_path: Path) -> None:
+    driver = FakeDriver(tmp_path)
+    long_spec = VmSpec(labels={f"label-{i}": "x" * 40 for i in range(20)})
+    await driver.define(replace(new_vm(), spec=long_spec))
+    await driver.start("web-1")
+    vm = await driver.inspect("web-1")
+    assert vm is not None
+    # The handle file keeps its size (updates write in place); the record in it is the new one.
+    path = tmp_path / HANDLE_DIR / "web-1.json"
+    size = path.stat().st_size
+    await driver.update("web-1", replace(vm, spec=VmSpec(), applied_generation=3))
+    assert path.stat().st_size == size
+    [recovered] = await FakeDriver(tmp_path).recover()
+    assert recovered.spec == VmSpec() and recovered.applied_generation == 3
+    assert recovered.state == "running"
+
+
 def _names(directory: Path) -> list[str]:
     return sorted(p.name for p in directory.iterdir())
 

@@ -159,11 +159,21 @@ class FakeDriver:
         return vms
 
     def _save(self, vm: DriverVm) -> None:
-        """Write ``vm``'s handle file atomically: readers see the old file or the new one."""
+        """Write ``vm``'s handle file: a new one atomically (readers see no file or the whole
+        one), an existing one rewritten in place.
+
+        In place because ext4 flushes a file's data when it is renamed over another or
+        truncated (``auto_da_alloc``): each update cost ~1 ms of a host's CPU (0.5-2 ms
+        measured here), a third of a fake VM's start. The file never shrinks; a shorter
+        record is padded with spaces, which JSON ignores. A write this small is done whole
+        or not at all when the agent is killed; a power cut may tear it, which a test driver
+        without guests can afford."""
         path = self._handle(vm.name)
         doc = {"version": _FORMAT_VERSION, **_to_json(vm)}
         # One line: json's C encoder (indent= falls back to pure Python).
         data = json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
+        if vm.name in self._vms and self._rewrite(path, data):
+            return
         # One writer per VM at a time, and no await in between: a fixed temporary name.
         tmp = path.with_name(f".{path.name}.tmp")
         try:
@@ -177,6 +187,25 @@ class FakeDriver:
                 raise
         except OSError as exc:
             raise DriverError(f"fake driver: cannot write {path}: {exc}") from exc
+
+    @staticmethod
+    def _rewrite(path: Path, data: bytes) -> bool:
+        """Overwrite the handle file in place; False when it is gone (write it anew)."""
+        try:
+            fd = os.open(path, os.O_WRONLY)
+        except FileNotFoundError:
+            return False
+        except OSError as exc:
+            raise DriverError(f"fake driver: cannot write {path}: {exc}") from exc
+        try:
+            padded = data.ljust(os.fstat(fd).st_size)
+            if os.pwrite(fd, padded, 0) != len(padded):
+                raise DriverError(f"fake driver: short write to {path}")
+        except OSError as exc:
+            raise DriverError(f"fake driver: cannot write {path}: {exc}") from exc
+        finally:
+            os.close(fd)
+        return True
 
     def _remove(self, name: str) -> None:
         path = self._handle(name)
