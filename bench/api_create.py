@@ -19,7 +19,7 @@ from pathlib import Path
 
 import httpx
 
-from bench._util import free_port, summary
+from bench._util import LeanHttp, free_port, summary
 
 
 def start_agent(data_dir: Path) -> tuple[subprocess.Popen[bytes], str]:
@@ -72,24 +72,28 @@ def start_agent(data_dir: Path) -> tuple[subprocess.Popen[bytes], str]:
 async def create_batch(
     url: str, prefix: str, count: int, in_flight: int
 ) -> tuple[list[float], float]:
+    """``count`` creates over ``in_flight`` keep-alive connections (see ``LeanHttp``)."""
     latencies: list[float] = []
-    sem = asyncio.Semaphore(in_flight)
-    limits = httpx.Limits(max_connections=in_flight)
-    async with httpx.AsyncClient(base_url=url, timeout=30, limits=limits) as client:
+    conns = [LeanHttp(url) for _ in range(in_flight)]
+    todo = iter(range(count))
 
-        async def one(i: int) -> None:
-            async with sem:
-                t0 = time.perf_counter()
-                r = await client.post(
-                    "/api/v1/vms", json={"name": f"{prefix}-{i}", "memory_mib": 64}
-                )
-                latencies.append(time.perf_counter() - t0)
-                if r.status_code != 202:
-                    raise SystemExit(f"create failed: {r.status_code} {r.text}")
+    async def worker(conn: LeanHttp) -> None:
+        for i in todo:
+            t0 = time.perf_counter()
+            status, text = await conn.post(
+                "/api/v1/vms", {"name": f"{prefix}-{i}", "memory_mib": 64}
+            )
+            latencies.append(time.perf_counter() - t0)
+            if status != 202:
+                raise SystemExit(f"create failed: {status} {text.decode()}")
 
-        start = time.perf_counter()
-        await asyncio.gather(*(one(i) for i in range(count)))
-        return latencies, time.perf_counter() - start
+    start = time.perf_counter()
+    try:
+        await asyncio.gather(*(worker(c) for c in conns))
+    finally:
+        for c in conns:
+            await c.close()
+    return latencies, time.perf_counter() - start
 
 
 def wait_running(url: str, total: int, started: float) -> float:

@@ -10,10 +10,14 @@ planning time and score for the 1,000-host cluster. Target: >= 1,000 placements/
 Run: ``make bench`` or ``.venv/bin/python -m bench.scheduler``.
 
 ``--e2e`` measures placements end to end instead: a 3-server cluster of real agents (fake
-driver, VMs start at once) on 127.0.0.1-3, ``--e2e-vms`` creates POSTed by 64 workers, a third
-per API, each taking the next VM as soon as its last was accepted, timed from the first POST
-until every VM has a node (placed) and until every VM runs. Target: >= 200 placements/s.
-``BENCH_PROFILE_DIR=dir`` cProfiles each agent (``dir/s1.prof`` ...; read with pstats).
+driver, VMs start at once) on 127.0.0.1-3, ``--e2e-vms`` creates POSTed over 64 keep-alive
+connections, a third per API, each taking the next VM as soon as its last was accepted, timed
+from the first POST until every VM has a node (placed) and until every VM runs, as a watch on
+one etcd member sees it (no API listing competes with the cluster for CPU). Also printed: etcd
+write transactions per VM (group commit at work), and a queued burst (VMs created while every
+host is cordoned, placed once all are uncordoned). Target: >= 200 placements/s.
+``BENCH_PROFILE_DIR=dir`` cProfiles each agent (``dir/s1.prof`` ...; read with pstats);
+``BENCH_DIR=dir`` keeps the agents' data and logs, ``BENCH_LOG_LEVEL=info`` makes them talk.
 """
 
 from __future__ import annotations
