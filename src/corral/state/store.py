@@ -329,6 +329,14 @@ class Store:
         return await self._reads.get(key, serializable)  # type: ignore[return-value]
 
     async def _read_many(self, keys: Sequence[str], serializable: bool) -> dict[str, KV]:
+        if len(keys) == 1:
+            # Alone: a plain range, as etcd answers it everywhere (a learner member serves
+            # serializable ranges but no transactions).
+            async def run(c: aetcd.Client) -> dict[str, KV]:
+                got = await c.get(keys[0].encode(), serializable=serializable)
+                return {} if got is None else {keys[0]: _kv(got)}
+
+            return await self._call(run)
         found, _ = await self.get_many(keys, serializable=serializable)
         return found
 
