@@ -399,3 +399,38 @@ def test_bad_input_names_the_field(clean: AgentProcess) -> None:
         assert r.status_code == 422 and r.json()["errors"][0]["field"] == "labels"
         r = c.post("/api/v1/vms", json={"name": "x", "priority": -1})
         assert r.status_code == 422 and r.json()["errors"][0]["field"] == "priority"
+
+
+def test_an_allocation_record_written_wrong_is_rebuilt_from_the_vms(clean: AgentProcess) -> None:
+    """Capacity counts the allocation records. One rewritten behind the leader's back (here:
+    claiming 64 GiB that no VM takes) is made to match the VMs placed on its host again by the
+    leader's periodic resync, though no VM changed meanwhile."""
+    from corral.daemon.identity import HostPki
+    from corral.state import Put, Store, keys
+
+    n1 = clean
+    with api(n1) as c:
+        r = c.post("/api/v1/vms", params={"wait": "true"}, json={"name": "al-1", "memory_mib": 64})
+        assert r.status_code == 200, r.text
+    host = vms(n1)["al-1"]["status"]["node"]
+
+    def used() -> int:
+        cap = get(n1, "/api/v1/capacity", params={"vcpus": 1, "memory_mib": 64}).json()
+        return int({row["node"]: row["memory_mib"]["used"] for row in cap["nodes"]}[host])
+
+    assert used() == 64
+
+    async def write_wrong() -> None:
+        store = Store(
+            [f"https://{n1.bind}:{n1.etcd_client_port}"],
+            tls=HostPki(n1.data_dir).etcd_tls(),
+        )
+        try:
+            bogus = b'{"vms":{"al-1":[1,64],"ghost":[1,65536]}}'
+            await store.commit([Put(keys.alloc_key(host), bogus)])
+        finally:
+            await store.close()
+
+    asyncio.run(write_wrong())
+    assert used() == 64 + 65536
+    wait_for(lambda: used() == 64, 30, "the allocation record rebuilt from the VMs")

@@ -104,6 +104,10 @@ class LeaderContext:
         taken = self._taken.get(key)
         return taken[0] if taken else None
 
+    def placed_hosts(self) -> list[str]:
+        """Hosts with at least one VM record placed on them, as last tracked."""
+        return [node for node, vms in self._placed.items() if vms]
+
     def placed_on(self, node: str) -> dict[str, tuple[int, int]]:
         """VM -> (vCPUs, MiB) for every VM record placed on ``node`` (read-only)."""
         return self._placed.get(node, {})

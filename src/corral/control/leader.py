@@ -189,6 +189,11 @@ class LeaderLoops:
             for kv in list(self.informer.under(keys.PREFIX)):
                 if not kv.key.startswith(_TASKS):
                     self._route(kv.key)
+            # Every host's allocation record against the VMs placed there (routing a VM that
+            # did not change queues no such check).
+            records = (keys.name_from_key(kv.key) for kv in self.informer.under(keys.ALLOC_PREFIX))
+            for host in {*records, *self.ctx.placed_hosts()}:
+                self.allocations.add(host)
             for ids in list(self._tasks_by_vm.values()):
                 for task_id in list(ids):
                     self.tasks.add(task_id)

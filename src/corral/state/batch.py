@@ -4,16 +4,15 @@
 Each etcd transaction costs a raft entry, a WAL fsync, a gRPC round trip and the client's
 per-call overhead, whatever it holds; under a stream of creates, status reports and task
 updates those fixed costs dominate. While a transaction is in flight the ones that arrive
-queue up; the next send merges every queued transaction that touches keys of its own
-(nothing another one in the batch writes) into one. Merged transactions are equivalent to
-running them one after the other in queue order: etcd evaluates all compares before any write,
-and no member writes a key another member compares or writes. When the merged transaction's
-compares fail, each member is sent alone, so each caller gets its own answer (its revision or
-its Conflict) exactly as without batching.
+queue up; the next send merges the queued transactions into one, in queue order, leaving out
+(for a later send) any that compares or writes a key an earlier member writes. A merged
+transaction is then equivalent to running its members one after the other in queue order:
+etcd evaluates every compare before any write, and no member reads or writes what an earlier
+one wrote. When the merged transaction's compares fail, each member is sent alone, so each
+caller gets its own answer (its revision or its Conflict) exactly as without batching.
 
-etcd's own write path batches raft proposals the same way; this is the client half (as
-etcd's gRPC proxy and Kubernetes' apiserver do not, a hand-written piece: no library offers it
-for aetcd).
+etcd batches raft proposals the same way on its side; this is the client's half. Written by
+hand: aetcd has no such layer and no library adds one.
 """
 
 from __future__ import annotations
@@ -124,6 +123,8 @@ class CommitBatcher:
     async def _drain(self) -> None:
         while self._queue:
             batch = self._take()
+            if not batch:
+                continue  # every queued caller had given up
             try:
                 await self._run(batch)
             except BaseException:
