@@ -356,7 +356,7 @@ class MigrationLoop:
         target = self.ctx.node(m.spec.target)
         assert target is not None
         applier = PlanApplier(self.ctx)
-        trial = applier.allocation(m.spec.target).copy()
+        trial = applier.allocation(m.spec.target)
         for other in self.ctx.all(Migration):
             if other.name == m.name or other.spec.target != m.spec.target:
                 continue
@@ -452,7 +452,7 @@ class MigrationLoop:
         for host in (m.spec.source, m.spec.target):
             alloc = applier.allocation(host)
             expect.append(alloc.expect(host))
-            allocs[host] = alloc.copy()
+            allocs[host] = alloc
         allocs[m.spec.source].vms.pop(vm.name, None)
         allocs[m.spec.target].vms[vm.name] = (vm.spec.vcpus, vm.spec.memory_mib)
         m.status.phase = "switched-over"

@@ -354,6 +354,7 @@ class PlanApplier:
         self.ctx = ctx
 
     def allocation(self, node: str) -> Allocation:
+        """The host's allocation record as cached: a private copy, free to change."""
         kv = self.ctx.informer.get(keys.alloc_key(node))
         if kv is not None:
             return Allocation.decode(kv)
@@ -453,8 +454,7 @@ class PlanApplier:
         for name, alloc in allocs.items():
             if name not in changed:
                 continue
-            before = self.allocation(name)
-            expect.append(before.expect(name))
+            expect.append(alloc.expect(name))  # the revision it was read at
             ops.append(Put(keys.alloc_key(name), alloc.encode()))
         try:
             await self.ctx.commit(ops, expect)

@@ -64,8 +64,6 @@ class CommitBatcher:
         self._in_flight = in_flight
         self._queue: list[_Entry] = []
         self._senders: set[asyncio.Task[None]] = set()
-        self.sent = 0  # transactions sent (for tests and benchmarks)
-        self.merged = 0  # commits that shared a transaction with another
 
     async def commit(self, ops: Sequence[Keyed], expect: Sequence[Keyed]) -> int:
         loop = asyncio.get_running_loop()
@@ -138,7 +136,6 @@ class CommitBatcher:
             return
         ops = [o for e in batch for o in e.ops]
         expect = list(dict.fromkeys(x for e in batch for x in e.expect))
-        self.sent += 1
         try:
             rev = await self._send(ops, expect)
         except Conflict:
@@ -149,12 +146,10 @@ class CommitBatcher:
             for e in batch:
                 _settle(e.future, exc=exc)
             return
-        self.merged += len(batch)
         for e in batch:
             _settle(e.future, rev)
 
     async def _one(self, e: _Entry) -> None:
-        self.sent += 1
         try:
             rev = await self._send(e.ops, e.expect)
         except Exception as exc:
@@ -194,7 +189,6 @@ class ReadBatcher:
             True: [],
         }
         self._senders: dict[bool, asyncio.Task[None] | None] = {False: None, True: None}
-        self.sent = 0
 
     async def get(self, key: str, serializable: bool) -> object:
         loop = asyncio.get_running_loop()
@@ -220,7 +214,6 @@ class ReadBatcher:
                 return
             batch, self._queues[serializable] = queue[:MAX_OPS], queue[MAX_OPS:]
             keys = list(dict.fromkeys(k for k, _ in batch))
-            self.sent += 1
             try:
                 found = await self._read(keys, serializable)
             except Exception as exc:
