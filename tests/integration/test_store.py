@@ -5,12 +5,15 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from corral.cluster import EtcdConfig, EtcdSupervisor, LeaderElection
 from corral.errors import Conflict, Unavailable
 from corral.state import Delete, Expect, Put, Store, keys
+from corral.state import store as store_module
+from corral.state.store import Page
 from tests.integration.harness import free_port
 
 pytestmark = pytest.mark.integration
@@ -67,6 +70,54 @@ async def test_watch_resumes_exactly_after_a_revision(store: Store) -> None:
         if len(seen) == 2:
             break
     assert seen == [("put", "/corral/v1/vms/b"), ("delete", "/corral/v1/vms/a")]
+
+
+async def test_a_state_larger_than_a_grpc_message_lists_and_watches_whole(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # 3,000 VMs with their tasks and placement records came to 9.5 MB: more than gRPC's
+    # default 4 MiB per message, which left a new leader re-listing forever. Here 6 MiB in
+    # 12 records, listed in pages of 5 keys, and a watch catching up over all of them.
+    monkeypatch.setattr(store_module, "LIST_PAGE_KEYS", 5)
+    start = await store.revision()
+    big = b"x" * (512 * 1024)
+    for i in range(12):
+        await store.commit([Put(f"/corral/v1/vms/v{i:02d}", big + bytes([i]))])
+    items, revision = await store.list_all("/corral/v1/")
+    assert [kv.key for kv in items] == [f"/corral/v1/vms/v{i:02d}" for i in range(12)]
+    assert all(kv.value == big + bytes([i]) for i, kv in enumerate(items))
+    assert revision == await store.revision()
+    seen = []
+    async for event in store.watch("/corral/v1/", start):
+        seen.append(event.kv.key)
+        if len(seen) == 12:
+            break
+    assert seen == [kv.key for kv in items]
+
+
+async def test_listing_all_starts_over_when_its_revision_is_compacted(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(store_module, "LIST_PAGE_KEYS", 2)
+    for i in range(5):
+        await store.commit([Put(f"/corral/v1/vms/v{i}", b"old")])
+    real_list = store.list
+    compacted = False
+
+    async def list_then_compact(prefix: str, **kw: Any) -> Page:
+        nonlocal compacted
+        page = await real_list(prefix, **kw)
+        if not compacted:  # between the first and second page: rewrite all and compact
+            compacted = True
+            for i in range(5):
+                await store.commit([Put(f"/corral/v1/vms/v{i}", b"new")])
+            await (await store._connected()).compact(await store.revision(), physical=True)
+        return page
+
+    monkeypatch.setattr(store, "list", list_then_compact)
+    items, revision = await store.list_all("/corral/v1/vms/")
+    assert [kv.value for kv in items] == [b"new"] * 5
+    assert revision == await store.revision()
 
 
 async def test_a_deposed_leader_cannot_write(store: Store) -> None:

@@ -48,6 +48,14 @@ __all__ = [
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
+# What one gRPC message from etcd may carry. gRPC's default, 4 MiB, is less than a watch that
+# catches up (etcd sends up to 1,000 revisions per message) or one revision of a large
+# transaction can need; etcd's own Go client accepts up to 2 GiB, and so do we.
+_CHANNEL_OPTIONS = {"grpc.max_receive_message_length": 2**31 - 1}
+# Keys per read when listing a whole prefix: pages keep each message and etcd's work per
+# request bounded however large the cluster grows (all pages are read at one revision).
+LIST_PAGE_KEYS = 1000
+
 
 @dataclass(frozen=True)
 class KV:
@@ -175,7 +183,11 @@ class Compacted(CorralError):
     """The revision asked for has been compacted away; re-list and watch again."""
 
     def __init__(self, compacted_revision: int) -> None:
-        super().__init__(f"revision compacted below {compacted_revision}")
+        super().__init__(
+            f"revision compacted below {compacted_revision}"
+            if compacted_revision
+            else "revision compacted"
+        )
         self.compacted_revision = compacted_revision
 
 
@@ -236,9 +248,13 @@ class Store:
         host, port = parts.hostname or "127.0.0.1", parts.port or 2379
         if self._tls is not None:
             return _TlsClient(
-                host=host, port=port, timeout=self._timeout_s, credentials=self._tls.credentials()
+                host=host,
+                port=port,
+                timeout=self._timeout_s,
+                credentials=self._tls.credentials(),
+                options=_CHANNEL_OPTIONS,
             )
-        return aetcd.Client(host=host, port=port, timeout=self._timeout_s)
+        return aetcd.Client(host=host, port=port, timeout=self._timeout_s, options=_CHANNEL_OPTIONS)
 
     async def _connected(self) -> aetcd.Client:
         async with self._lock:
@@ -301,6 +317,10 @@ class Store:
         except aetcd.ClientError as exc:
             raise Unavailable(f"etcd error: {exc}") from exc
         except rpc.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.OUT_OF_RANGE and "compacted" in (exc.details() or ""):
+                # A range pinned to a revision etcd has compacted (raw stub calls get the
+                # gRPC status, not aetcd's error); etcd does not say how far it compacted.
+                raise Compacted(0) from exc
             await self._failover(client)
             raise Unavailable(f"etcd error: {exc.details()}") from exc
         except asyncio.CancelledError:
@@ -412,8 +432,24 @@ class Store:
     async def list_all(
         self, prefix: str, *, serializable: bool = False
     ) -> tuple[builtins.list[KV], int]:
-        page = await self.list(prefix, serializable=serializable)
-        return page.items, page.revision
+        """Every key under ``prefix`` at one revision, read ``LIST_PAGE_KEYS`` at a time.
+
+        Should that revision be compacted away half-way, the listing starts over at the
+        current one (mixing pages of two revisions would not be one state)."""
+        while True:
+            page = await self.list(prefix, limit=LIST_PAGE_KEYS, serializable=serializable)
+            items = page.items
+            cursor = page.next_cursor
+            while cursor:
+                nxt = await self.list(
+                    prefix, limit=LIST_PAGE_KEYS, cursor=cursor, serializable=serializable
+                )
+                if nxt.revision != page.revision:
+                    break  # compacted under us: start over
+                items += nxt.items
+                cursor = nxt.next_cursor
+            else:
+                return items, page.revision
 
     async def revision(self) -> int:
         async def run(c: aetcd.Client) -> int:
