@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import gc
 import inspect
 import os
 from pathlib import Path
@@ -17,6 +18,25 @@ from corral.daemon.settings import AgentSettings, SettingsError, load_settings
 __all__ = ["add_agent_command"]
 
 _HELP = "Run the corral agent on this host: etcd member, API, control loops and VMs."
+
+
+def _tune_gc() -> None:
+    """Collect cyclic garbage less often than CPython's default, which suits scripts.
+
+    An agent keeps hundreds of thousands of long-lived objects (decoded records, caches,
+    FastAPI's routes) and allocates fast while VMs are created. With the default thresholds
+    (a young collection every 700 allocations) a 3-server cluster creating 1,000 VMs spent
+    ~20% of the leader's CPU in the collector, mostly in full passes over the long-lived heap
+    (0.14 s each). What exists after start-up is frozen (never scanned again; the agent's
+    modules and settings live as long as it does); young collections run every 50,000
+    allocations and a full one at most every 10 middle ones (CPython still skips it until
+    the objects that survived since the last full pass add up to a quarter of the heap).
+    Measured with ``bench.scheduler --e2e``: the leader's collector time went from 1.5 s to
+    0.24 s for 1,000 VMs, and memory stays flat (reference counting frees all but cycles).
+    """
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(50_000, 20, 10)
 
 
 def _run_agent(**flags: Any) -> None:
@@ -35,6 +55,7 @@ def _run_agent(**flags: Any) -> None:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
     setup_logging(settings.log_level)
+    _tune_gc()
     profile_dir = os.environ.get("CORRAL_PROFILE_DIR")
     profiler = None
     if profile_dir:
