@@ -131,9 +131,14 @@ class VmService:
 
     # -- create ----------------------------------------------------------------------------
 
-    async def create(self, body: Any, meta: RequestMeta) -> Accepted:
-        """Create a VM and its create task atomically (with the idempotency record)."""
-        req = parse(VmCreate, body)
+    async def create(
+        self, body: Any, meta: RequestMeta, *, parsed: VmCreate | None = None
+    ) -> Accepted:
+        """Create a VM and its create task atomically (with the idempotency record).
+
+        ``parsed`` is ``body`` already validated as a ``VmCreate`` (the REST layer's framework
+        does that), so it is not validated twice."""
+        req = parsed if parsed is not None else parse(VmCreate, body)
         guard = IdempotencyGuard(self.ctx, "vms", meta.idempotency_key, body)
         replay = await guard.replay(stale=True)
         if replay is not None:

@@ -109,6 +109,8 @@ async def test_target_refuses_another_migration_and_a_dead_listener_fails(
     assert here is not None and here.state == "running"
 
     restarted = FakeMigrator(dst.driver)  # an agent restart loses the listener
+    found = restarted.marker("web-1")  # but not the marker on disk
+    assert found is not None and (found.id, found.role) == ("m1", "target")
     report = await restarted.incoming_report("web-1", "m1")
     assert report.status == "failed" and "listener is gone" in report.message
 

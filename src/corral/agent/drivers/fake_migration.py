@@ -95,13 +95,27 @@ class FakeMigrator:
         self._dir = driver.state_dir / MARKER_DIR
         self._servers: dict[str, asyncio.Server] = {}
         self._transfers: dict[str, _Transfer] = {}
+        # VMs that may have a marker file: those found at start and every one written since.
+        # The agent asks for every VM's marker on every pass; a VM not listed has none, so
+        # that costs no failed open() per VM (only this process writes markers).
+        self._may_have: set[str] | None = None
 
     # -- marker -------------------------------------------------------------------------------
 
     def _marker_path(self, name: str) -> Path:
         return self._dir / f"{name}.json"
 
+    def _candidates(self) -> set[str]:
+        if self._may_have is None:
+            try:
+                self._may_have = {p.stem for p in self._dir.glob("*.json")}
+            except OSError:
+                self._may_have = set()
+        return self._may_have
+
     def marker(self, name: str) -> FakeMarker | None:
+        if name not in self._candidates():
+            return None
         try:
             doc = json.loads(self._marker_path(name).read_text(encoding="utf-8"))
             return FakeMarker(str(doc["id"]), str(doc["role"]), str(doc["state"]), dict(doc))
@@ -110,6 +124,7 @@ class FakeMigrator:
 
     def _write_marker(self, name: str, **doc: Any) -> None:
         path = self._marker_path(name)
+        self._candidates().add(name)
         try:
             self._dir.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(".tmp")
@@ -121,6 +136,7 @@ class FakeMigrator:
     def clear_marker(self, name: str) -> None:
         with contextlib.suppress(OSError):
             self._marker_path(name).unlink(missing_ok=True)
+            self._candidates().discard(name)
         server = self._servers.pop(name, None)
         if server is not None:
             server.close()

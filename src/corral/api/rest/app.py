@@ -272,7 +272,7 @@ def create_app(services: ApiServices) -> FastAPI:
             if services.placement is None:
                 raise NotFound("dry runs are not served here")
             return JSONResponse(await services.placement.dry_run(raw))
-        result = await services.vms.create(raw, _meta(None, idempotency_key))
+        result = await services.vms.create(raw, _meta(None, idempotency_key), parsed=body)
         return await finish(result, wait, timeout)
 
     @app.get("/api/v1/vms/{name}", tags=["vms"])
