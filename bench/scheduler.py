@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import json
 import os
 import random
@@ -221,6 +222,8 @@ class Progress:
         self.store = Store(endpoints, tls=HostPki(data / name).etcd_tls())
         self.vms: dict[str, tuple[bool, bool]] = {}
         self.placed = self.running = 0
+        # Keys written (puts) per kind of record, e.g. "vms", "tasks", "assignments".
+        self.writes: collections.Counter[str] = collections.Counter()
         self._task: asyncio.Task[None] | None = None
 
     def _see(self, key: str, value: bytes | None) -> None:
@@ -234,10 +237,11 @@ class Progress:
         self.running += new[1] - old[1]
 
     async def start(self) -> None:
-        prefix = keys.kind_prefix("vms")
+        vms = keys.kind_prefix("vms")
+        prefix = keys.PREFIX
         for _ in range(100):
             try:
-                items, rev = await self.store.list_all(prefix)
+                items, rev = await self.store.list_all(vms)
                 break
             except Unavailable:  # a member still a learner: the store tries the next one
                 await asyncio.sleep(0.3)
@@ -248,7 +252,11 @@ class Progress:
 
         async def follow() -> None:
             async for ev in self.store.watch(prefix, rev):
-                self._see(ev.kv.key, ev.kv.value if ev.type == "put" else None)
+                key = ev.kv.key
+                if ev.type == "put":
+                    self.writes[key[len(prefix) :].split("/", 1)[0]] += 1
+                if key.startswith(vms):
+                    self._see(key, ev.kv.value if ev.type == "put" else None)
 
         self._task = asyncio.create_task(follow())
 
@@ -357,6 +365,8 @@ async def _measure(
         )
         writes = await progress.store.revision() - rev0
         print(f"{'etcd write transactions per vm':<34} {writes / count:>6.2f}")
+        per_kind = ", ".join(f"{k} {n / count:.2f}" for k, n in progress.writes.most_common())
+        print(f"{'keys written per vm, by kind':<34} {per_kind}")
         # The leader alone: VMs queued while every host is cordoned, then released at once.
         async with httpx.AsyncClient(base_url=urls[0], timeout=10) as api:
             for n in ("s1", "s2", "s3"):
