@@ -98,7 +98,12 @@ class LeaderElection:
                     self.store.keepalive(self._lease), max(budget, 0.01)
                 )
             except (CorralError, TimeoutError) as exc:
-                log.warning("leader lease renewal failed: %s", exc or "no answer in time")
+                log.warning(
+                    "leader lease renewal failed: %s",
+                    str(exc)
+                    or f"etcd did not answer within {max(budget, 0.01):.1f} s (this host "
+                    "overloaded, or cut off from the etcd members?)",
+                )
                 remaining = -1
             now = loop.time()
             if remaining > 0:
