@@ -116,8 +116,9 @@ class Objects:
     async def all(
         self, model: type[ObjT], *, serializable: bool = False
     ) -> tuple[builtins.list[ObjT], int]:
-        page = await self.list(model, serializable=serializable)
-        return page.items, page.revision
+        prefix = keys.kind_prefix(kind_of(model)[0])
+        items, revision = await self.store.list_all(prefix, serializable=serializable)
+        return [self.decode(model, kv) for kv in items], revision
 
     async def update(
         self,
