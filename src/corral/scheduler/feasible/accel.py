@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from itertools import filterfalse
+from operator import attrgetter
+
 from corral.scheduler.feasible.base import Rejected
 from corral.scheduler.index import ClusterIndex
 from corral.scheduler.snapshot import Request
@@ -10,6 +13,8 @@ __all__ = ["NAME", "REASON_NO_KVM", "AccelFilter"]
 
 NAME = "accel"
 REASON_NO_KVM = "node has no KVM"
+
+_ACCELERATORS = attrgetter("accelerators")
 
 
 class AccelFilter:
@@ -22,10 +27,17 @@ class AccelFilter:
         self, ix: ClusterIndex, request: Request, hosts: list[int], rejected: Rejected
     ) -> list[int]:
         kvm = ix.kvm_hosts
-        ok = [i for i in hosts if i in kvm]
+        ok = list(filter(kvm.__contains__, hosts))
         if len(ok) != len(hosts):
-            for i in hosts:
-                if i not in kvm:
-                    has = ", ".join(sorted(ix.nodes[i].accelerators)) or "none reported"
-                    rejected[i] = (NAME, f"{REASON_NO_KVM} (accelerators: {has})")
+            bad = list(filterfalse(kvm.__contains__, hosts))
+            has = list(map(_ACCELERATORS, map(ix.nodes.__getitem__, bad)))
+            # One sentence per set of accelerators (most hosts share a few).
+            said = {
+                a: (
+                    NAME,
+                    f"{REASON_NO_KVM} (accelerators: {', '.join(sorted(a)) or 'none reported'})",
+                )
+                for a in set(has)
+            }
+            rejected.update(zip(bad, map(said.__getitem__, has), strict=True))
         return ok

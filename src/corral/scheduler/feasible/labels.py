@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from itertools import compress, filterfalse, repeat
+
 from corral.scheduler.feasible.base import Rejected
 from corral.scheduler.index import ClusterIndex
 from corral.scheduler.snapshot import Request
@@ -24,24 +26,27 @@ class LabelFilter:
         self, ix: ClusterIndex, request: Request, hosts: list[int], rejected: Rejected
     ) -> list[int]:
         for key, want in sorted(request.node_selector.items()):
-            has = ix.labels_of(key)
-            ok = [i for i in hosts if has.get(i) == want]
+            match = ix.label_mask(key, want)
+            ok = list(compress(hosts, map(match.__getitem__, hosts)))
             if len(ok) != len(hosts):
-                for i in hosts:
-                    have = has.get(i)
-                    if have != want:
-                        shown = "unset" if have is None else repr(have)
-                        rejected[i] = (
-                            NAME,
-                            f"{REASON_LABEL_MISMATCH} ({key}={want!r} wanted, node has {shown})",
-                        )
+                has = ix.labels_of(key)
+                bad = list(filterfalse(match.__getitem__, hosts))
+                # One sentence per value the other hosts have (most share a few).
+                said = {
+                    have: (
+                        NAME,
+                        f"{REASON_LABEL_MISMATCH} ({key}={want!r} wanted, node has "
+                        f"{'unset' if have is None else repr(have)})",
+                    )
+                    for have in set(map(has.get, bad))
+                }
+                rejected.update(zip(bad, map(said.__getitem__, map(has.get, bad)), strict=True))
             hosts = ok
         for key in request.required_labels:
             has = ix.labels_of(key)
-            ok = [i for i in hosts if i in has]
+            ok = list(filter(has.__contains__, hosts))
             if len(ok) != len(hosts):
-                for i in hosts:
-                    if i not in has:
-                        rejected[i] = (NAME, f"{REASON_LABEL_MISSING} ({key})")
+                missing = (NAME, f"{REASON_LABEL_MISSING} ({key})")
+                rejected.update(zip(filterfalse(has.__contains__, hosts), repeat(missing)))
             hosts = ok
         return hosts
