@@ -15,6 +15,7 @@ computed again), group members per failure domain and the hosts an anti-affinity
 from __future__ import annotations
 
 import math
+from bisect import bisect_left
 from collections.abc import Callable, Hashable, Iterable
 from itertools import compress
 from typing import Any, TypeVar
@@ -43,13 +44,20 @@ class Room:
     have less than ``threshold`` free: those are the only ones a VM needing at most
     ``threshold`` can fail to fit, so most checks look at none or a few hosts."""
 
-    __slots__ = ("count", "free", "short", "threshold")
+    __slots__ = ("free", "short", "shorts", "threshold")
+
+    # Up to this many short hosts, each is looked up among the candidates by bisection;
+    # beyond it the candidates are scanned.
+    BISECT_UP_TO = 32
 
     def __init__(self, free: list[int]) -> None:
         self.free = free
-        self.threshold = 0
-        self.short = [f < 0 for f in free]
-        self.count = sum(self.short)  # how many hosts are short
+        self._rebuild(0)
+
+    def _rebuild(self, threshold: int) -> None:
+        self.threshold = threshold
+        self.short = [f < threshold for f in self.free]  # per host
+        self.shorts = set(compress(range(len(self.free)), self.short))  # those hosts
 
     def set(self, i: int, value: int) -> None:
         """Host ``i`` now has ``value`` free."""
@@ -57,18 +65,31 @@ class Room:
         short = value < self.threshold
         if short != self.short[i]:
             self.short[i] = short
-            self.count += 1 if short else -1
+            if short:
+                self.shorts.add(i)
+            else:
+                self.shorts.discard(i)
 
     def lacking(self, hosts: list[int], need: int) -> list[int]:
-        """The hosts of ``hosts`` with less than ``need`` free, in the order of ``hosts``."""
+        """The hosts of ``hosts`` (ascending, as the stack passes them) with less than ``need``
+        free, in order."""
         if need > self.threshold:
-            self.threshold = need
-            self.short = [f < need for f in self.free]
-            self.count = sum(self.short)
-        if not self.count:
+            self._rebuild(need)
+        if not self.shorts:
             return []
         free = self.free
-        return [i for i in compress(hosts, map(self.short.__getitem__, hosts)) if free[i] < need]
+        if len(self.shorts) > self.BISECT_UP_TO:
+            short = self.short
+            return [i for i in compress(hosts, map(short.__getitem__, hosts)) if free[i] < need]
+        # A few short hosts: find each among the candidates by bisection.
+        out = []
+        n = len(hosts)
+        for i in sorted(self.shorts):
+            if free[i] < need:
+                k = bisect_left(hosts, i)
+                if k < n and hosts[k] == i:
+                    out.append(i)
+        return out
 
 
 class ClusterIndex:

@@ -88,9 +88,10 @@ class Scheduler:
         if totals is None:
             totals = [0.0] * len(hosts)
         top = max(totals)
+        first = totals.index(top)
         # Ties go to the name first in sort order, so plans do not depend on snapshot order.
-        if totals.count(top) == 1:
-            best = names[hosts[totals.index(top)]]
+        if top not in totals[first + 1 :]:
+            best = names[hosts[first]]
         else:
             best = min(map(names.__getitem__, compress(hosts, map(eq, totals, repeat(top)))))
         return Plan(

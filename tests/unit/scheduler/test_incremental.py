@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 from corral.scheduler import Group, NodeView, PlacedVm, Plan, PoolView, Request, Scheduler, Snapshot
+from corral.scheduler.index import Room, cpu_capacity, memory_capacity
 
 GIB = 1024**3
 GROUPS = {
@@ -97,6 +98,21 @@ def _fresh(base: Snapshot, placed: dict[str, PlacedVm]) -> Snapshot:
     return replace(base, nodes=tuple(nodes), vms=tuple(placed.values()), shared_pools=shared)
 
 
+def _check_room(snap: Snapshot, request: Request, plan: Plan) -> None:
+    """Every feasible host has room for the VM; every host the cpu or memory filter rejected
+    has not (the capacity filters look only at hosts short of room: this checks they miss
+    none and invent none)."""
+    for n in snap.nodes:
+        cpu_free = cpu_capacity(snap, n) - n.used_vcpus
+        mem_free = memory_capacity(snap, n) - n.used_memory_mib
+        if n.name in plan.feasible:
+            assert request.vcpus <= cpu_free and request.memory_mib <= mem_free, n.name
+        elif plan.rejected_by[n.name] == "cpu":
+            assert request.vcpus > cpu_free, n.name
+        elif plan.rejected_by[n.name] == "memory":
+            assert request.memory_mib > mem_free, n.name
+
+
 def _facts(plan: Plan) -> tuple[object, ...]:
     return (
         plan.node,
@@ -110,8 +126,14 @@ def _facts(plan: Plan) -> tuple[object, ...]:
     )
 
 
-@pytest.mark.parametrize("seed", range(12))
-def test_incremental_scheduler_plans_like_a_fresh_one(seed: int) -> None:
+@pytest.mark.parametrize(
+    ("seed", "bisect_up_to"), [(s, 32) for s in range(12)] + [(12, 0), (13, 0)]
+)
+def test_incremental_scheduler_plans_like_a_fresh_one(
+    seed: int, bisect_up_to: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # bisect_up_to 0: the capacity filters scan the candidates rather than bisect.
+    monkeypatch.setattr(Room, "BISECT_UP_TO", bisect_up_to)
     rng = random.Random(seed)
     base = Snapshot(
         _hosts(rng, rng.randint(6, 14)),
@@ -142,8 +164,10 @@ def test_incremental_scheduler_plans_like_a_fresh_one(seed: int) -> None:
             request = placed[rng.choice(names)].request
         if kind != "remove":
             plan = sched.schedule(request)
-            fresh = Scheduler(_fresh(base, placed)).schedule(request)
+            snap = _fresh(base, placed)
+            fresh = Scheduler(snap).schedule(request)
             assert _facts(plan) == _facts(fresh), (seed, k, kind, request)
+            _check_room(snap, request, plan)
             if plan.node is None:
                 steps["full"] += 1
         steps[kind] += 1

@@ -2,7 +2,8 @@
 
 A :class:`HostFilter` looks only at the host (its state, roles, flags): the stack runs it once
 per snapshot. A :class:`RequestFilter` looks at the request too and runs per placement, over a
-list of candidate hosts, returning those that pass and recording every other one in
+list of candidate hosts (in snapshot order, i.e. ascending index, as the stack passes them),
+returning those that pass in the same order and recording every other one in
 ``rejected`` as ``(filter name, sentence)``. Each filter module owns its ``NAME`` (the short id a
 ``vm why`` table shows in its "filter" column) and its ``REASON_*`` constants (the start of the
 sentence, stable enough to match on).
@@ -37,4 +38,5 @@ class RequestFilter(Protocol):
     def run(
         self, ix: ClusterIndex, request: Request, hosts: list[int], rejected: Rejected
     ) -> list[int]:
-        """The hosts of ``hosts`` that pass; the others go into ``rejected``."""
+        """The hosts of ``hosts`` (ascending) that pass, in order; the others go into
+        ``rejected``."""
