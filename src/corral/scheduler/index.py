@@ -18,7 +18,7 @@ import math
 from bisect import bisect_left
 from collections.abc import Callable, Hashable, Iterable
 from itertools import compress
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from corral.scheduler.snapshot import Group, NodeView, PlacedVm, Request, Snapshot
 
@@ -162,6 +162,8 @@ class ClusterIndex:
         # carries exactly that value. Both filled on demand.
         self._label_values: dict[str, list[str | None]] = {}
         self._label_masks: dict[tuple[str, str], list[bool]] = {}
+        # Anything else computed from the snapshot alone, by key (see ``static``).
+        self._static: dict[Hashable, Any] = {}
         # Per-host score columns over every host, by key (see ``column``), and the hosts whose
         # usage or membership changed, in order: a column remembers how much of it it has seen.
         self._columns: dict[Hashable, tuple[list[Any], list[int]]] = {}
@@ -316,6 +318,15 @@ class ClusterIndex:
                 col[i] = one(i)
             seen[0] = len(changed)
         return col
+
+    def static(self, key: Hashable, build: Callable[[], T]) -> T:
+        """``build()``, computed once per index: for what depends on the snapshot alone (host
+        labels, accelerators), never on usage or VMs. Read-only."""
+        try:
+            return cast(T, self._static[key])
+        except KeyError:
+            hit = self._static[key] = build()
+            return hit
 
     def label_values(self, key: str) -> list[str | None]:
         """Per host: the value of its label ``key``, or None without it. Read-only."""

@@ -10,7 +10,8 @@ row (or trying moves in the rebalancer) never rebuilds them. Nothing here does I
 
 from __future__ import annotations
 
-from itertools import compress, repeat
+from bisect import bisect_left
+from itertools import compress, islice, repeat
 from operator import add, eq, itemgetter, mul
 
 from corral.scheduler.feasible import HOST_FILTERS, REQUEST_FILTERS, Rejected
@@ -100,15 +101,31 @@ class Scheduler:
             top,
             policy,
             rejections,
-            self._names_of(hosts),
+            self._names_of(hosts, rejected),
             columns,
             totals,
             weights,
         )
 
-    def _names_of(self, hosts: list[int]) -> tuple[str, ...]:
-        if len(hosts) == len(self.eligible):  # filters only drop hosts: these are all of them
+    def _names_of(self, hosts: list[int], rejected: Rejected) -> tuple[str, ...]:
+        """The names of ``hosts``, which the request filters took from ``eligible`` (each
+        recording the hosts it dropped in ``rejected``, after the host-only rejections)."""
+        dropped = len(self.eligible) - len(hosts)
+        if dropped == 0:
             return self._eligible_names
+        if dropped <= 16:
+            gone = sorted(islice(rejected, len(self._host_rejected), None))
+            if len(gone) == dropped:
+                # Cut the few dropped hosts out of the eligible hosts' names.
+                eligible, every = self.eligible, self._eligible_names
+                out: list[str] = []
+                start = 0
+                for i in gone:
+                    k = bisect_left(eligible, i, start)
+                    out += every[start:k]
+                    start = k + 1
+                out += every[start:]
+                return tuple(out)
         names = self.index.names
         return tuple(names[i] for i in hosts) if len(hosts) < 2 else itemgetter(*hosts)(names)
 

@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 from corral.scheduler import Group, NodeView, PlacedVm, Plan, PoolView, Request, Scheduler, Snapshot
+from corral.scheduler.feasible.base import without
 from corral.scheduler.index import Room, cpu_capacity, memory_capacity
 
 GIB = 1024**3
@@ -182,3 +183,9 @@ def test_incremental_scheduler_plans_like_a_fresh_one(
             placed[request.vm] = PlacedVm(plan.node, placed[request.vm].request)
     # The sequence really exercised every kind of change, and full hosts.
     assert min(steps.values()) > 0, steps
+
+
+def test_without_cuts_out_few_or_many_hosts() -> None:
+    hosts = list(range(0, 200, 3))
+    for drop in ([], [0], [99], [0, 198], hosts[5:40], hosts[::2], hosts):
+        assert without(hosts, drop) == [h for h in hosts if h not in drop], drop

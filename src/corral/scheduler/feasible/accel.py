@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from itertools import filterfalse
-from operator import attrgetter
+from functools import partial
+from itertools import compress, filterfalse
 
 from corral.scheduler.feasible.base import Rejected
 from corral.scheduler.index import ClusterIndex
@@ -13,8 +13,6 @@ __all__ = ["NAME", "REASON_NO_KVM", "AccelFilter"]
 
 NAME = "accel"
 REASON_NO_KVM = "node has no KVM"
-
-_ACCELERATORS = attrgetter("accelerators")
 
 
 class AccelFilter:
@@ -26,18 +24,20 @@ class AccelFilter:
     def run(
         self, ix: ClusterIndex, request: Request, hosts: list[int], rejected: Rejected
     ) -> list[int]:
-        kvm = ix.kvm_hosts
-        ok = list(filter(kvm.__contains__, hosts))
+        kvm, why = ix.static(NAME, partial(_per_host, ix))
+        ok = list(compress(hosts, map(kvm.__getitem__, hosts)))
         if len(ok) != len(hosts):
-            bad = list(filterfalse(kvm.__contains__, hosts))
-            has = list(map(_ACCELERATORS, map(ix.nodes.__getitem__, bad)))
-            # One sentence per set of accelerators (most hosts share a few).
-            said = {
-                a: (
-                    NAME,
-                    f"{REASON_NO_KVM} (accelerators: {', '.join(sorted(a)) or 'none reported'})",
-                )
-                for a in set(has)
-            }
-            rejected.update(zip(bad, map(said.__getitem__, has), strict=True))
+            bad = list(filterfalse(kvm.__getitem__, hosts))
+            rejected.update(zip(bad, map(why.__getitem__, bad), strict=True))
         return ok
+
+
+def _per_host(ix: ClusterIndex) -> tuple[list[bool], list[tuple[str, str]]]:
+    """Per host: has it KVM, and why not (unused where it has)."""
+    has = [n.accelerators for n in ix.nodes]
+    # One sentence per set of accelerators (most hosts share a few).
+    said = {
+        a: (NAME, f"{REASON_NO_KVM} (accelerators: {', '.join(sorted(a)) or 'none reported'})")
+        for a in set(has)
+    }
+    return [i in ix.kvm_hosts for i in range(len(has))], list(map(said.__getitem__, has))

@@ -11,15 +11,33 @@ sentence, stable enough to match on).
 
 from __future__ import annotations
 
+from bisect import bisect_left
+from itertools import filterfalse
 from typing import Protocol
 
 from corral.scheduler.index import ClusterIndex
 from corral.scheduler.snapshot import NodeView, Request
 
-__all__ = ["HostFilter", "Rejected", "RequestFilter"]
+__all__ = ["HostFilter", "Rejected", "RequestFilter", "without"]
 
 # host index -> (filter name, human sentence)
 Rejected = dict[int, tuple[str, str]]
+
+
+def without(hosts: list[int], drop: list[int]) -> list[int]:
+    """``hosts`` less ``drop`` (both ascending, ``drop`` a part of ``hosts``): a few hosts are
+    cut out by bisection and slicing rather than by looking at every host."""
+    if len(drop) > 16:
+        gone = set(drop)
+        return list(filterfalse(gone.__contains__, hosts))
+    out: list[int] = []
+    start = 0
+    for i in drop:
+        k = bisect_left(hosts, i, start)
+        out += hosts[start:k]
+        start = k + 1
+    out += hosts[start:]
+    return out
 
 
 class HostFilter(Protocol):

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-from itertools import filterfalse
-
-from corral.scheduler.feasible.base import Rejected
+from corral.scheduler.feasible.base import Rejected, without
 from corral.scheduler.index import ClusterIndex
 from corral.scheduler.snapshot import Request
 
@@ -32,5 +30,4 @@ class CpuFilter:
         for i in short:
             free = max(room.free[i], 0)
             rejected[i] = (NAME, f"{REASON_INSUFFICIENT_CPU} (needs {need}, {free} free)")
-        drop = set(short)
-        return list(filterfalse(drop.__contains__, hosts))
+        return without(hosts, short)

@@ -7,9 +7,7 @@ shared pools where they are. Runs after :mod:`pools`, so every local pool named 
 
 from __future__ import annotations
 
-from itertools import filterfalse
-
-from corral.scheduler.feasible.base import Rejected
+from corral.scheduler.feasible.base import Rejected, without
 from corral.scheduler.index import ClusterIndex
 from corral.scheduler.snapshot import Request
 
@@ -63,6 +61,5 @@ class DiskFilter:
                     f"{REASON_INSUFFICIENT_DISK} in pool {pool} "
                     f"(needs {_gib(need)}, {_gib(max(room.free[i], 0))} free)",
                 )
-            drop = set(short)
-            hosts = list(filterfalse(drop.__contains__, hosts))
+            hosts = without(hosts, short)
         return hosts

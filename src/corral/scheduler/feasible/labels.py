@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from functools import partial
 from itertools import compress, filterfalse, repeat
 
 from corral.scheduler.feasible.base import Rejected
@@ -29,24 +30,35 @@ class LabelFilter:
             match = ix.label_mask(key, want)
             ok = list(compress(hosts, map(match.__getitem__, hosts)))
             if len(ok) != len(hosts):
-                has = ix.labels_of(key)
+                why = ix.static((NAME, key, want), partial(_mismatch, ix, key, want))
                 bad = list(filterfalse(match.__getitem__, hosts))
-                # One sentence per value the other hosts have (most share a few).
-                said = {
-                    have: (
-                        NAME,
-                        f"{REASON_LABEL_MISMATCH} ({key}={want!r} wanted, node has "
-                        f"{'unset' if have is None else repr(have)})",
-                    )
-                    for have in set(map(has.get, bad))
-                }
-                rejected.update(zip(bad, map(said.__getitem__, map(has.get, bad)), strict=True))
+                rejected.update(zip(bad, map(why.__getitem__, bad), strict=True))
             hosts = ok
         for key in request.required_labels:
-            has = ix.labels_of(key)
-            ok = list(filter(has.__contains__, hosts))
+            has = ix.static((NAME, key), partial(_present, ix, key))
+            ok = list(compress(hosts, map(has.__getitem__, hosts)))
             if len(ok) != len(hosts):
                 missing = (NAME, f"{REASON_LABEL_MISSING} ({key})")
-                rejected.update(zip(filterfalse(has.__contains__, hosts), repeat(missing)))
+                rejected.update(zip(filterfalse(has.__getitem__, hosts), repeat(missing)))
             hosts = ok
         return hosts
+
+
+def _mismatch(ix: ClusterIndex, key: str, want: str) -> list[tuple[str, str]]:
+    """Per host: why it does not match ``key=want`` (unused where it does)."""
+    values = ix.label_values(key)
+    # One sentence per value (most hosts share a few).
+    said = {
+        have: (
+            NAME,
+            f"{REASON_LABEL_MISMATCH} ({key}={want!r} wanted, node has "
+            f"{'unset' if have is None else repr(have)})",
+        )
+        for have in set(values)
+    }
+    return list(map(said.__getitem__, values))
+
+
+def _present(ix: ClusterIndex, key: str) -> list[bool]:
+    """Per host: does it carry label ``key``."""
+    return [v is not None for v in ix.label_values(key)]
