@@ -3,9 +3,7 @@ on one host (1 unless the group says otherwise)."""
 
 from __future__ import annotations
 
-from itertools import filterfalse
-
-from corral.scheduler.feasible.base import Rejected
+from corral.scheduler.feasible.base import Rejected, without
 from corral.scheduler.index import ClusterIndex
 from corral.scheduler.snapshot import Request
 
@@ -34,10 +32,15 @@ class AntiAffinityFilter:
         if not full:
             return hosts
         per_host = ix.group_counts(group.name, excluding=request.vm)
-        for i in filter(full.__contains__, hosts):
-            rejected[i] = (
+        bad = list(filter(full.__contains__, hosts))
+        members = list(map(per_host.__getitem__, bad))
+        # One sentence per number of members (most full hosts hold the same number).
+        said = {
+            n: (
                 NAME,
-                f"{REASON_ANTI_AFFINITY} (group {group.name} has {per_host[i]} here, "
-                f"max_per_node {limit})",
+                f"{REASON_ANTI_AFFINITY} (group {group.name} has {n} here, max_per_node {limit})",
             )
-        return list(filterfalse(full.__contains__, hosts))
+            for n in set(members)
+        }
+        rejected.update(zip(bad, map(said.__getitem__, members), strict=True))
+        return without(hosts, bad)

@@ -9,6 +9,8 @@ required.
 
 from __future__ import annotations
 
+import operator
+from functools import partial
 from itertools import compress
 from typing import cast
 
@@ -35,8 +37,13 @@ class FailureDomainFilter:
         key = request.spread_over
         assert key is not None
         # Each candidate's domain (None: it has no such label).
-        found = list(map(ix.label_values(key).__getitem__, hosts))
-        if None in found:
+        values = ix.label_values(key)
+        found = list(map(values.__getitem__, hosts))
+        # Most often every host of the snapshot carries the label (checked once).
+        if not ix.static((NAME, key), partial(operator.contains, values, None)):
+            labelled = hosts
+            domains = cast("list[str]", found)  # no None in it
+        elif None in found:
             unlabelled = (NAME, f"{REASON_NO_DOMAIN_LABEL} ({key})")
             rejected.update((i, unlabelled) for i, d in zip(hosts, found, strict=True) if d is None)
             labelled = [i for i, d in zip(hosts, found, strict=True) if d is not None]

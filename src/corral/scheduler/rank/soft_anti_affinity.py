@@ -32,8 +32,7 @@ class SoftAntiAffinityScorer:
         if own is not None and own.group == request.group:
             # The VM is placed already (a migration): it does not count for itself.
             return [1.0 - counts.get(i, 0) / total for i in hosts]
-        # Members per host (kept up to date between placements); the score of each count.
+        # Members per host (kept up to date between placements), and the score of each count.
         col = ix.group_column(request.group)
-        members = list(map(col.__getitem__, hosts))
-        score = {c: 1.0 - c / total for c in set(members)}
-        return list(map(score.__getitem__, members))
+        score = [1.0 - c / total for c in range(max(counts.values(), default=0) + 1)]
+        return list(map(score.__getitem__, map(col.__getitem__, hosts)))
