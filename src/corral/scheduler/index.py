@@ -174,7 +174,6 @@ class ClusterIndex:
         self._full_hosts: dict[str, dict[int, set[int]]] = {}
         self._changed: list[int] = []
         self._track_all(snapshot.vms)
-        self._changed.clear()
 
     def _track_all(self, vms: Iterable[PlacedVm]) -> None:
         for vm in vms:
@@ -188,15 +187,18 @@ class ClusterIndex:
     # -- membership bookkeeping (usage figures are separate: the snapshot's are authoritative)
 
     def _link(self, request: Request, i: int) -> None:
-        self._touch(i)
+        if self._columns:
+            self._touch(i)
         self.vm_host[request.vm] = i
         self.vm_request[request.vm] = request
         self.on_host[i].add(request.vm)
         if request.group is not None:
             per_host = self.group_hosts.setdefault(request.group, {})
             per_host[i] = per_host.get(i, 0) + 1
-            self._count_domains(request.group, i, +1)
-            self._mark_full(request.group, i, per_host[i])
+            if self._domain_counts:
+                self._count_domains(request.group, i, +1)
+            if self._full_hosts:
+                self._mark_full(request.group, i, per_host[i])
         if request.affinity_vm is not None:
             self.affinity_refs.setdefault(request.affinity_vm, set()).add(request.vm)
         at = self.priority_hosts.setdefault(request.priority, {})
@@ -244,6 +246,8 @@ class ClusterIndex:
 
     def _touch(self, i: int) -> None:
         """Host ``i``'s usage or membership changes: its cached column values are stale."""
+        if not self._columns:
+            return  # nothing cached that could go stale (a column is built from the state)
         changed = self._changed
         changed.append(i)
         if len(changed) > 2 * len(self.nodes) + 64:
