@@ -311,7 +311,8 @@ class ClusterIndex:
         changed = self._changed
         hit = self._columns.get(key)
         if hit is None:
-            if len(self._columns) >= 64:
+            if len(self._columns) >= 32:
+                # Bounded memory: 32 request shapes at most (columns are rebuilt on demand).
                 self._columns.clear()
             col = every()
             self._columns[key] = (col, [len(changed)])
