@@ -10,7 +10,9 @@ row (or trying moves in the rebalancer) never rebuilds them. Nothing here does I
 
 from __future__ import annotations
 
-from operator import itemgetter
+from bisect import bisect_left
+from itertools import compress, islice, repeat
+from operator import add, eq, itemgetter, mul
 
 from corral.scheduler.feasible import HOST_FILTERS, REQUEST_FILTERS, Rejected
 from corral.scheduler.index import ClusterIndex
@@ -39,6 +41,11 @@ class Scheduler:
                 eligible.append(i)
         # Hosts every host-only filter accepted, in snapshot order.
         self.eligible: tuple[int, ...] = tuple(eligible)
+        # The host-only rejections by host name, for a plan no request filter adds to.
+        names = self.index.names
+        self._host_rejections = {names[i]: r for i, r in self._host_rejected.items()}
+        # Their names, the plan's ``feasible`` when no request filter rejects a host.
+        self._eligible_names: tuple[str, ...] = tuple(names[i] for i in eligible)
 
     def feasible(self, request: Request) -> tuple[list[int], Rejected]:
         """The hosts that pass every hard rule, and why each other host does not."""
@@ -57,7 +64,10 @@ class Scheduler:
         hosts, rejected = self.feasible(request)
         names = self.index.names
         policy = request.policy or self.snapshot.policy
-        rejections = {names[i]: r for i, r in rejected.items()}
+        if len(rejected) == len(self._host_rejected):
+            rejections = dict(self._host_rejections)
+        else:
+            rejections = dict(zip(map(names.__getitem__, rejected), rejected.values(), strict=True))
         if not hosts:
             return Plan(request.vm, None, policy=policy, rejections=rejections)
         ix = self.index
@@ -71,29 +81,53 @@ class Scheduler:
             col = scorer.score(ix, request, hosts)
             columns[scorer.name] = col
             weights[scorer.name] = w
+            # w * x per host (and + the total so far), at C speed.
             if totals is None:
-                totals = [w * x for x in col] if w != 1.0 else list(col)
+                totals = list(map(mul, repeat(w), col)) if w != 1.0 else list(col)
             else:
-                totals = [t + w * x for t, x in zip(totals, col, strict=True)]
+                totals = list(map(add, totals, map(mul, repeat(w), col)))
         if totals is None:
             totals = [0.0] * len(hosts)
         top = max(totals)
+        first = totals.index(top)
         # Ties go to the name first in sort order, so plans do not depend on snapshot order.
-        if totals.count(top) == 1:
-            best = names[hosts[totals.index(top)]]
+        if top not in totals[first + 1 :]:
+            best = names[hosts[first]]
         else:
-            best = min(names[hosts[k]] for k, t in enumerate(totals) if t == top)
+            best = min(map(names.__getitem__, compress(hosts, map(eq, totals, repeat(top)))))
         return Plan(
             request.vm,
             best,
             top,
             policy,
             rejections,
-            tuple(names[i] for i in hosts) if len(hosts) < 2 else itemgetter(*hosts)(names),
+            self._names_of(hosts, rejected),
             columns,
             totals,
             weights,
         )
+
+    def _names_of(self, hosts: list[int], rejected: Rejected) -> tuple[str, ...]:
+        """The names of ``hosts``, which the request filters took from ``eligible`` (each
+        recording the hosts it dropped in ``rejected``, after the host-only rejections)."""
+        dropped = len(self.eligible) - len(hosts)
+        if dropped == 0:
+            return self._eligible_names
+        if dropped <= 16:
+            gone = sorted(islice(rejected, len(self._host_rejected), None))
+            if len(gone) == dropped:
+                # Cut the few dropped hosts out of the eligible hosts' names.
+                eligible, every = self.eligible, self._eligible_names
+                out: list[str] = []
+                start = 0
+                for i in gone:
+                    k = bisect_left(eligible, i, start)
+                    out += every[start:k]
+                    start = k + 1
+                out += every[start:]
+                return tuple(out)
+        names = self.index.names
+        return tuple(names[i] for i in hosts) if len(hosts) < 2 else itemgetter(*hosts)(names)
 
     def place(self, request: Request, node: str) -> None:
         """Record that ``request``'s VM now runs on ``node`` (it takes its resources there)."""

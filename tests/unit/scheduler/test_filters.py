@@ -363,6 +363,24 @@ def test_migrating_vm_does_not_count_against_itself() -> None:
     assert schedule(snap, r).node == "t"
 
 
+def test_migrating_vm_does_not_crowd_its_own_zone() -> None:
+    # Zone a holds w1 (migrating) and w2, zone b holds w3: without w1 both zones hold one, so
+    # a2 stays open; counting w1 would make zone a look crowded.
+    snap = cluster(
+        [
+            node("a1", labels={"zone": "a"}),
+            node("a2", labels={"zone": "a"}),
+            node("b1", labels={"zone": "b"}),
+        ],
+        [vm("w1", "a1", group="web"), vm("w2", "a1", group="web"), vm("w3", "b1", group="web")],
+        [Group("web", "soft-anti-affinity")],
+    )
+    r = Request("w1", 1, 1024, group="web", spread_over="zone", source="a1")
+    plan = schedule(snap, r)
+    assert set(plan.scores) == {"a2", "b1"}
+    assert plan.rejected_by == {"a1": "migration"}
+
+
 def test_group_validation_names_the_field() -> None:
     with pytest.raises(ValueError, match="max_per_node must be >= 1"):
         Group("g", "anti-affinity", max_per_node=0)

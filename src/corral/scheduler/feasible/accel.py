@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from functools import partial
+from itertools import compress, filterfalse
+
 from corral.scheduler.feasible.base import Rejected
 from corral.scheduler.index import ClusterIndex
 from corral.scheduler.snapshot import Request
@@ -21,11 +24,20 @@ class AccelFilter:
     def run(
         self, ix: ClusterIndex, request: Request, hosts: list[int], rejected: Rejected
     ) -> list[int]:
-        kvm = ix.kvm_hosts
-        ok = [i for i in hosts if i in kvm]
+        kvm, why = ix.static(NAME, partial(_per_host, ix))
+        ok = list(compress(hosts, map(kvm.__getitem__, hosts)))
         if len(ok) != len(hosts):
-            for i in hosts:
-                if i not in kvm:
-                    has = ", ".join(sorted(ix.nodes[i].accelerators)) or "none reported"
-                    rejected[i] = (NAME, f"{REASON_NO_KVM} (accelerators: {has})")
+            bad = list(filterfalse(kvm.__getitem__, hosts))
+            rejected.update(zip(bad, map(why.__getitem__, bad), strict=True))
         return ok
+
+
+def _per_host(ix: ClusterIndex) -> tuple[list[bool], list[tuple[str, str]]]:
+    """Per host: has it KVM, and why not (unused where it has)."""
+    has = [n.accelerators for n in ix.nodes]
+    # One sentence per set of accelerators (most hosts share a few).
+    said = {
+        a: (NAME, f"{REASON_NO_KVM} (accelerators: {', '.join(sorted(a)) or 'none reported'})")
+        for a in set(has)
+    }
+    return [i in ix.kvm_hosts for i in range(len(has))], list(map(said.__getitem__, has))

@@ -3,7 +3,7 @@ on one host (1 unless the group says otherwise)."""
 
 from __future__ import annotations
 
-from corral.scheduler.feasible.base import Rejected
+from corral.scheduler.feasible.base import Rejected, without
 from corral.scheduler.index import ClusterIndex
 from corral.scheduler.snapshot import Request
 
@@ -26,19 +26,21 @@ class AntiAffinityFilter:
         group = ix.groups.get(request.group)
         if group is None or group.policy != "anti-affinity":
             return hosts
-        per_host = ix.group_counts(group.name, excluding=request.vm)
         limit = group.max_per_node
-        full = {i for i, n in per_host.items() if n + 1 > limit}
+        # Hosts where one more member would be one too many (kept up to date by the index).
+        full = ix.full_hosts(group.name, limit, excluding=request.vm)
         if not full:
             return hosts
-        ok = []
-        for i in hosts:
-            if i in full:
-                rejected[i] = (
-                    NAME,
-                    f"{REASON_ANTI_AFFINITY} (group {group.name} has {per_host[i]} here, "
-                    f"max_per_node {limit})",
-                )
-            else:
-                ok.append(i)
-        return ok
+        per_host = ix.group_counts(group.name, excluding=request.vm)
+        bad = list(filter(full.__contains__, hosts))
+        members = list(map(per_host.__getitem__, bad))
+        # One sentence per number of members (most full hosts hold the same number).
+        said = {
+            n: (
+                NAME,
+                f"{REASON_ANTI_AFFINITY} (group {group.name} has {n} here, max_per_node {limit})",
+            )
+            for n in set(members)
+        }
+        rejected.update(zip(bad, map(said.__getitem__, members), strict=True))
+        return without(hosts, bad)

@@ -7,7 +7,7 @@ shared pools where they are. Runs after :mod:`pools`, so every local pool named 
 
 from __future__ import annotations
 
-from corral.scheduler.feasible.base import Rejected
+from corral.scheduler.feasible.base import Rejected, without
 from corral.scheduler.index import ClusterIndex
 from corral.scheduler.snapshot import Request
 
@@ -48,18 +48,18 @@ class DiskFilter:
         if not local:
             return hosts
         for pool, need in local:
-            room = ix.pool_free.get(pool)
+            room = ix.pool_room.get(pool)
             if room is None:
                 # No host has it: the pools filter has already rejected every host.
                 return []
-            ok = [i for i in hosts if room[i] >= need]
-            if len(ok) != len(hosts):
-                for i in hosts:
-                    if need > room[i]:
-                        rejected[i] = (
-                            NAME,
-                            f"{REASON_INSUFFICIENT_DISK} in pool {pool} "
-                            f"(needs {_gib(need)}, {_gib(max(room[i], 0))} free)",
-                        )
-            hosts = ok
+            short = room.lacking(hosts, need)
+            if not short:
+                continue
+            for i in short:
+                rejected[i] = (
+                    NAME,
+                    f"{REASON_INSUFFICIENT_DISK} in pool {pool} "
+                    f"(needs {_gib(need)}, {_gib(max(room.free[i], 0))} free)",
+                )
+            hosts = without(hosts, short)
         return hosts

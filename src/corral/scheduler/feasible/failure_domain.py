@@ -9,6 +9,11 @@ required.
 
 from __future__ import annotations
 
+import operator
+from functools import partial
+from itertools import compress
+from typing import cast
+
 from corral.scheduler.feasible.base import Rejected
 from corral.scheduler.index import ClusterIndex
 from corral.scheduler.snapshot import Request
@@ -31,34 +36,49 @@ class FailureDomainFilter:
     ) -> list[int]:
         key = request.spread_over
         assert key is not None
-        domain_of = ix.labels_of(key)
-        labelled = [i for i in hosts if i in domain_of]
-        if len(labelled) != len(hosts):
-            for i in hosts:
-                if i not in domain_of:
-                    rejected[i] = (NAME, f"{REASON_NO_DOMAIN_LABEL} ({key})")
+        # Each candidate's domain (None: it has no such label).
+        values = ix.label_values(key)
+        found = list(map(values.__getitem__, hosts))
+        # Most often every host of the snapshot carries the label (checked once).
+        if not ix.static((NAME, key), partial(operator.contains, values, None)):
+            labelled = hosts
+            domains = cast("list[str]", found)  # no None in it
+        elif None in found:
+            unlabelled = (NAME, f"{REASON_NO_DOMAIN_LABEL} ({key})")
+            rejected.update((i, unlabelled) for i, d in zip(hosts, found, strict=True) if d is None)
+            labelled = [i for i, d in zip(hosts, found, strict=True) if d is not None]
+            domains = [d for d in found if d is not None]
+        else:
+            labelled = hosts
+            domains = cast("list[str]", found)  # no None in it
         if request.group is None or not labelled:
             return labelled
         group = request.group
-        counts = dict.fromkeys({domain_of[i] for i in labelled}, 0)
-        for i, n in ix.group_counts(group, excluding=request.vm).items():
-            d = domain_of.get(i)
-            if d is not None and d in counts:
-                counts[d] += n
+        # Members of the group per domain (over every host with the label), for the domains
+        # that can take the VM.
+        members = ix.domain_counts(group, key, excluding=request.vm)
+        counts = {d: members.get(d, 0) for d in set(domains)}
         fewest = min(counts.values())
         crowded = {d for d, n in counts.items() if n != fewest}
         if not crowded:
             return labelled
         best = min(d for d, n in counts.items() if n == fewest)
-        ok = []
-        for i in labelled:
-            d = domain_of[i]
-            if d in crowded:
-                rejected[i] = (
-                    NAME,
-                    f"{REASON_DOMAIN_CROWDED} ({key}={d} holds {counts[d]} of group {group}, "
-                    f"{key}={best} holds {fewest})",
-                )
-            else:
-                ok.append(i)
-        return ok
+        # One sentence per crowded domain.
+        said = {
+            d: (
+                NAME,
+                f"{REASON_DOMAIN_CROWDED} ({key}={d} holds {counts[d]} of group {group}, "
+                f"{key}={best} holds {fewest})",
+            )
+            for d in crowded
+        }
+        crowd = list(map(crowded.__contains__, domains))
+        rejected.update(
+            zip(
+                compress(labelled, crowd),
+                map(said.__getitem__, compress(domains, crowd)),
+                strict=True,
+            )
+        )
+        fine = counts.keys() - crowded
+        return list(compress(labelled, map(fine.__contains__, domains)))

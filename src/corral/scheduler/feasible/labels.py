@@ -3,6 +3,9 @@
 
 from __future__ import annotations
 
+from functools import partial
+from itertools import compress, filterfalse, repeat
+
 from corral.scheduler.feasible.base import Rejected
 from corral.scheduler.index import ClusterIndex
 from corral.scheduler.snapshot import Request
@@ -24,24 +27,38 @@ class LabelFilter:
         self, ix: ClusterIndex, request: Request, hosts: list[int], rejected: Rejected
     ) -> list[int]:
         for key, want in sorted(request.node_selector.items()):
-            has = ix.labels_of(key)
-            ok = [i for i in hosts if has.get(i) == want]
+            match = ix.label_mask(key, want)
+            ok = list(compress(hosts, map(match.__getitem__, hosts)))
             if len(ok) != len(hosts):
-                for i in hosts:
-                    have = has.get(i)
-                    if have != want:
-                        shown = "unset" if have is None else repr(have)
-                        rejected[i] = (
-                            NAME,
-                            f"{REASON_LABEL_MISMATCH} ({key}={want!r} wanted, node has {shown})",
-                        )
+                why = ix.static((NAME, key, want), partial(_mismatch, ix, key, want))
+                bad = list(filterfalse(match.__getitem__, hosts))
+                rejected.update(zip(bad, map(why.__getitem__, bad), strict=True))
             hosts = ok
         for key in request.required_labels:
-            has = ix.labels_of(key)
-            ok = [i for i in hosts if i in has]
+            has = ix.static((NAME, key), partial(_present, ix, key))
+            ok = list(compress(hosts, map(has.__getitem__, hosts)))
             if len(ok) != len(hosts):
-                for i in hosts:
-                    if i not in has:
-                        rejected[i] = (NAME, f"{REASON_LABEL_MISSING} ({key})")
+                missing = (NAME, f"{REASON_LABEL_MISSING} ({key})")
+                rejected.update(zip(filterfalse(has.__getitem__, hosts), repeat(missing)))
             hosts = ok
         return hosts
+
+
+def _mismatch(ix: ClusterIndex, key: str, want: str) -> list[tuple[str, str]]:
+    """Per host: why it does not match ``key=want`` (unused where it does)."""
+    values = ix.label_values(key)
+    # One sentence per value (most hosts share a few).
+    said = {
+        have: (
+            NAME,
+            f"{REASON_LABEL_MISMATCH} ({key}={want!r} wanted, node has "
+            f"{'unset' if have is None else repr(have)})",
+        )
+        for have in set(values)
+    }
+    return list(map(said.__getitem__, values))
+
+
+def _present(ix: ClusterIndex, key: str) -> list[bool]:
+    """Per host: does it carry label ``key``."""
+    return [v is not None for v in ix.label_values(key)]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from corral.scheduler.feasible.base import Rejected
+from corral.scheduler.feasible.base import Rejected, without
 from corral.scheduler.index import ClusterIndex
 from corral.scheduler.snapshot import Request
 
@@ -22,14 +22,12 @@ class MemoryFilter:
         self, ix: ClusterIndex, request: Request, hosts: list[int], rejected: Rejected
     ) -> list[int]:
         need = request.memory_mib
-        cap, used = ix.mem_cap, ix.mem_used
-        ok = [i for i in hosts if used[i] + need <= cap[i]]
-        if len(ok) != len(hosts):
-            for i in hosts:
-                free = cap[i] - used[i]
-                if need > free:
-                    rejected[i] = (
-                        NAME,
-                        f"{REASON_INSUFFICIENT_MEMORY} (needs {need} MiB, {max(free, 0)} free)",
-                    )
-        return ok
+        # Most often no candidate is short of room: then this looks at no host at all.
+        room = ix.mem_room
+        short = room.lacking(hosts, need)
+        if not short:
+            return hosts
+        for i in short:
+            free = max(room.free[i], 0)
+            rejected[i] = (NAME, f"{REASON_INSUFFICIENT_MEMORY} (needs {need} MiB, {free} free)")
+        return without(hosts, short)

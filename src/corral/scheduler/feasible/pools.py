@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from itertools import filterfalse, repeat
+
 from corral.scheduler.feasible.base import Rejected
 from corral.scheduler.index import ClusterIndex
 from corral.scheduler.snapshot import Request
@@ -26,10 +28,9 @@ class PoolFilter:
             return hosts
         for pool in local:
             present = ix.pool_hosts.get(pool, frozenset())
-            ok = [i for i in hosts if i in present]
-            if len(ok) != len(hosts):
-                for i in hosts:
-                    if i not in present:
-                        rejected[i] = (NAME, f"{REASON_POOL_MISSING} ({pool})")
-            hosts = ok
+            if present.issuperset(hosts):
+                continue
+            missing = (NAME, f"{REASON_POOL_MISSING} ({pool})")
+            rejected.update(zip(filterfalse(present.__contains__, hosts), repeat(missing)))
+            hosts = list(filter(present.__contains__, hosts))
         return hosts

@@ -24,15 +24,27 @@ class BalancedScorer:
         c, m = request.vcpus, request.memory_mib
         cu, ic, mu, im = ix.cpu_used, ix.cpu_inv, ix.mem_used, ix.mem_inv
         local = {p: n for p, n in request.disks.items() if p not in ix.shared_cap}
-        out = []
-        for i in hosts:
+        # Only the total of the local disks counts (None: no local disk, no disk fraction).
+        disk = sum(local.values()) if local else None
+
+        def one(i: int) -> float:
             a = (cu[i] + c) * ic[i]
             b = (mu[i] + m) * im[i]
-            if not local:
+            if disk is None:
                 # pstdev of two values, without the statistics module's overhead.
-                out.append(1.0 - abs(a - b) * 0.5)
-                continue
+                return 1.0 - abs(a - b) * 0.5
             cap = sum(ix.pool_cap[i].values()) or 1
-            d = (sum(ix.pool_used[i].values()) + sum(local.values())) / cap
-            out.append(1.0 - statistics.pstdev((a, b, d)))
-        return out
+            d = (sum(ix.pool_used[i].values()) + disk) / cap
+            return 1.0 - statistics.pstdev((a, b, d))
+
+        def every() -> list[float]:
+            if disk is None:
+                return [
+                    1.0 - abs((u + c) * x - (v + m) * y) * 0.5
+                    for u, x, v, y in zip(cu, ic, mu, im, strict=True)
+                ]
+            return [one(i) for i in range(len(cu))]
+
+        # The score of every host for this VM size, kept up to date between placements.
+        col = ix.column((NAME, c, m, disk), every, one)
+        return list(map(col.__getitem__, hosts))

@@ -21,12 +21,31 @@ class PriorityScorer:
 
     def score(self, ix: ClusterIndex, request: Request, hosts: list[int]) -> list[float]:
         p = request.priority
+        own = ix.vm_request.get(request.vm)
+        if own is not None and own.priority >= p:
+            # The VM is placed already (a migration): it is no peer of itself.
+            peers = self._peers(ix, p)
+            peers[ix.vm_host[request.vm]] -= 1
+            return [1.0 / (1 + peers.get(i, 0)) for i in hosts]
+
+        def one(i: int) -> float:
+            n = sum(at.get(i, 0) for prio, at in ix.priority_hosts.items() if prio >= p)
+            return 1.0 / (1 + n)
+
+        def every() -> list[float]:
+            peers = self._peers(ix, p)
+            return [1.0 / (1 + peers.get(i, 0)) for i in range(len(ix.nodes))]
+
+        # The score of every host for this priority, kept up to date between placements.
+        col = ix.column((NAME, p), every, one)
+        return list(map(col.__getitem__, hosts))
+
+    @staticmethod
+    def _peers(ix: ClusterIndex, p: int) -> dict[int, int]:
+        """Host index -> VMs of priority ``p`` or higher there (hosts with none are absent)."""
         peers: dict[int, int] = {}
         for prio, at in ix.priority_hosts.items():
             if prio >= p:
                 for i, n in at.items():
                     peers[i] = peers.get(i, 0) + n
-        own = ix.vm_request.get(request.vm)
-        if own is not None and own.priority >= p:
-            peers[ix.vm_host[request.vm]] -= 1
-        return [1.0 / (1 + peers.get(i, 0)) for i in hosts]
+        return peers

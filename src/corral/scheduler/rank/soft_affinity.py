@@ -28,4 +28,11 @@ class SoftAffinityScorer:
         assert request.group is not None
         counts = ix.group_counts(request.group, excluding=request.vm)
         total = sum(counts.values()) or 1
-        return [counts.get(i, 0) / total for i in hosts]
+        own = ix.vm_request.get(request.vm)
+        if own is not None and own.group == request.group:
+            # The VM is placed already (a migration): it does not count for itself.
+            return [counts.get(i, 0) / total for i in hosts]
+        # Members per host (kept up to date between placements), and the score of each count.
+        col = ix.group_column(request.group)
+        score = [c / total for c in range(max(counts.values(), default=0) + 1)]
+        return list(map(score.__getitem__, map(col.__getitem__, hosts)))

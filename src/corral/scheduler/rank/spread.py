@@ -20,5 +20,14 @@ class SpreadScorer:
     def score(self, ix: ClusterIndex, request: Request, hosts: list[int]) -> list[float]:
         c, m = request.vcpus, request.memory_mib
         load, ch, mh = ix.load, ix.cpu_half, ix.mem_half
+
         # Feasible hosts have cap >= used + need, so each fraction is in [0, 1].
-        return [1.0 - load[i] - c * ch[i] - m * mh[i] for i in hosts]
+        def one(i: int) -> float:
+            return 1.0 - load[i] - c * ch[i] - m * mh[i]
+
+        def every() -> list[float]:
+            return [1.0 - x - c * a - m * b for x, a, b in zip(load, ch, mh, strict=True)]
+
+        # The score of every host for this VM size, kept up to date between placements.
+        col = ix.column((NAME, c, m), every, one)
+        return list(map(col.__getitem__, hosts))
