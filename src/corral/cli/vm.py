@@ -484,10 +484,23 @@ def plan_table(plan: dict[str, Any]) -> Any:
     return table
 
 
+def omitted_line(plan: dict[str, Any]) -> str | None:
+    """The line under the `vm why` table naming the hosts a stored plan left out."""
+    left = plan.get("omitted")
+    if not left:
+        return None
+    parts = [f"{left['feasible']} feasible (lower totals)"] if left.get("feasible") else []
+    parts += [f"{n} rejected by {f}" for f, n in (left.get("rejected") or {}).items()]
+    return (
+        f"not listed: {', '.join(parts)} (a stored plan keeps the best hosts and the first "
+        "few each filter rejected)"
+    )
+
+
 @vm_app.command("why")
 def vm_why(ctx: typer.Context, name: NameArg, output: OutputOpt = None) -> None:
-    """Why the VM is on its host, or why it is pending: every host with the filter that
-    rejected it, or its scores."""
+    """Why the VM is on its host, or why it is pending: each host with the filter that
+    rejected it, or its scores (on a big cluster: the best hosts and a few per filter)."""
     state = get_state(ctx)
     answer = state.client().vm_placement(name)
     if state.wants_json(output):
@@ -499,6 +512,9 @@ def vm_why(ctx: typer.Context, name: NameArg, output: OutputOpt = None) -> None:
     when = "computed now" if answer.get("computed_now") else f"decided {answer.get('decided_at')}"
     typer.echo(f"policy {plan.get('policy')}, {when}")
     emit(state.out, plan_table(plan))
+    left = omitted_line(plan)
+    if left:
+        typer.echo(left)
 
 
 @vm_app.command("edit")

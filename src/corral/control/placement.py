@@ -275,8 +275,16 @@ def build_snapshot(
     )
 
 
+# Hosts a stored plan keeps: the best feasible ones, and per filter the first hosts it
+# rejected. Whole, a plan over 1,000 hosts is ~130 KB: 30 of them in one placement
+# transaction would pass etcd's 1.5 MiB request limit, and placing stopped.
+PLAN_ROWS_KEPT = 16
+
+
 def placement_record(vm: Vm, plan: Plan, message: str, pinned: tuple[str, str] | None) -> bytes:
-    """What ``corral vm why`` shows: the plan with every host's rejection or scores."""
+    """What ``corral vm why`` shows: the plan with each host's rejection or scores (up to
+    ``PLAN_ROWS_KEPT`` feasible hosts and as many per rejecting filter; ``omitted`` counts
+    the others)."""
     data: dict[str, Any] = {
         "vm": vm.name,
         "vm_id": vm.id,
@@ -284,7 +292,7 @@ def placement_record(vm: Vm, plan: Plan, message: str, pinned: tuple[str, str] |
         "node": plan.node,
         "message": message,
         "pinned": {"node": pinned[0], "volume": pinned[1]} if pinned else None,
-        "plan": plan.as_dict(),
+        "plan": plan.as_dict(PLAN_ROWS_KEPT),
     }
     return json.dumps(data, separators=(",", ":")).encode()
 

@@ -16,6 +16,7 @@ same as plain JSON-able data, and ``explain()`` the one-sentence summary a loop 
 
 from __future__ import annotations
 
+import heapq
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -81,28 +82,55 @@ class Plan:
             n: {s: col[k] for s, col in self.columns.items()} for k, n in enumerate(self.feasible)
         }
 
-    def rows(self) -> list[PlanRow]:
-        """The ``vm why`` table: chosen, then feasible best first, then rejected by name."""
-        breakdown = self.breakdown
-        fit = sorted(self.scores.items(), key=lambda kv: (-kv[1], kv[0]))
+    def rows(self, limit: int | None = None) -> list[PlanRow]:
+        """The ``vm why`` table: chosen, then feasible best first, then rejected by name.
+
+        With ``limit``, only the ``limit`` best feasible hosts and the first ``limit`` hosts
+        (by name) each filter rejected are kept: see :meth:`omitted` for what is left out."""
+        key = lambda kv: (-kv[1], kv[0])  # noqa: E731 - best total first, then by name
+        scores = self.scores
+        if limit is None or len(scores) <= limit:
+            fit = sorted(scores.items(), key=key)
+        else:
+            fit = heapq.nsmallest(limit, scores.items(), key=key)
+        columns = self.columns.items()
+        position = {n: k for k, n in enumerate(self.feasible)} if fit else {}
         rows = [
             PlanRow(
                 n,
                 "chosen" if n == self.node else "feasible",
-                scores=breakdown[n],
+                scores={s: col[position[n]] for s, col in columns},
                 total=total,
             )
             for n, total in fit
         ]
-        rows += [
-            PlanRow(n, "rejected", filter=f, reason=why)
-            for n, (f, why) in sorted(self.rejections.items())
-        ]
+        kept: Counter[str] = Counter()
+        for n, (f, why) in sorted(self.rejections.items()):
+            if limit is None or kept[f] < limit:
+                kept[f] += 1
+                rows.append(PlanRow(n, "rejected", filter=f, reason=why))
         return rows
 
-    def as_dict(self) -> dict[str, Any]:
-        """Plain data (str, float, lists, dicts) for storing or returning over the API."""
-        return {
+    def omitted(self, limit: int) -> dict[str, Any] | None:
+        """What ``rows(limit)`` leaves out: how many feasible hosts, and how many rejected
+        hosts per filter; None when it keeps every host."""
+        feasible = max(len(self.feasible) - limit, 0)
+        rejected = {
+            f: n - limit
+            for f, n in Counter(f for f, _ in self.rejections.values()).items()
+            if n > limit
+        }
+        if not feasible and not rejected:
+            return None
+        return {"feasible": feasible, "rejected": dict(sorted(rejected.items()))}
+
+    def as_dict(self, limit: int | None = None) -> dict[str, Any]:
+        """Plain data (str, float, lists, dicts) for storing or returning over the API.
+
+        With ``limit``, the rows are those of ``rows(limit)`` and ``omitted`` says how many
+        hosts were left out (a plan over 1,000 hosts is ~130 KB whole: too much to store for
+        every VM)."""
+        data = {
             "vm": self.vm,
             "node": self.node,
             "score": self.score,
@@ -117,9 +145,12 @@ class Plan:
                     "scores": r.scores,
                     "total": r.total,
                 }
-                for r in self.rows()
+                for r in self.rows(limit)
             ],
         }
+        if limit is not None and (left := self.omitted(limit)) is not None:
+            data["omitted"] = left
+        return data
 
     def explain(self) -> str:
         """One sentence: where the VM goes, or why it goes nowhere."""

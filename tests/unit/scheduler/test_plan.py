@@ -133,3 +133,30 @@ def test_incremental_placements_match_a_fresh_snapshot() -> None:
     )
     again = schedule(fresh, Request("vm6", 1, 512))
     assert again.rejected == plan.rejected
+
+
+def test_a_bounded_plan_keeps_the_best_hosts_and_the_first_few_per_filter() -> None:
+    from corral.scheduler import Scheduler
+
+    nodes = [_node(f"f{i:02d}", used_memory_mib=100 * i) for i in range(12)]
+    nodes += [_node(f"m{i:02d}", used_memory_mib=4096) for i in range(10)]
+    nodes += [_node(f"d{i:02d}", state="down") for i in range(8)]
+    plan = Scheduler(Snapshot(tuple(nodes))).schedule(Request("web-1", 1, 512))
+    whole = plan.rows()
+    kept = plan.rows(5)
+
+    feasible = [r for r in whole if r.outcome != "rejected"]
+    assert [r for r in kept if r.outcome != "rejected"] == feasible[:5]
+    assert kept[0].outcome == "chosen" and kept[0].node == plan.node == "f00"
+    rejected = [(r.node, r.filter) for r in kept if r.outcome == "rejected"]
+    assert rejected == sorted(
+        [(f"d{i:02d}", "ready") for i in range(5)] + [(f"m{i:02d}", "memory") for i in range(5)]
+    )
+    assert plan.omitted(5) == {"feasible": 7, "rejected": {"memory": 5, "ready": 3}}
+
+    data = plan.as_dict(5)
+    assert [r["node"] for r in data["nodes"]] == [r.node for r in kept]
+    assert data["omitted"] == {"feasible": 7, "rejected": {"memory": 5, "ready": 3}}
+    assert "omitted" not in plan.as_dict() and len(plan.as_dict()["nodes"]) == 30
+    assert "omitted" not in plan.as_dict(12)  # 12 feasible, 10 and 8 rejected: all kept
+    assert plan.rows(12) == whole
