@@ -10,11 +10,11 @@ row (or trying moves in the rebalancer) never rebuilds them. Nothing here does I
 
 from __future__ import annotations
 
-from bisect import bisect_left
 from itertools import compress, islice, repeat
 from operator import add, eq, itemgetter, mul
 
 from corral.scheduler.feasible import HOST_FILTERS, REQUEST_FILTERS, Rejected
+from corral.scheduler.feasible.base import cut
 from corral.scheduler.index import ClusterIndex
 from corral.scheduler.plan import Plan
 from corral.scheduler.rank import SCORERS
@@ -117,15 +117,7 @@ class Scheduler:
             gone = sorted(islice(rejected, len(self._host_rejected), None))
             if len(gone) == dropped:
                 # Cut the few dropped hosts out of the eligible hosts' names.
-                eligible, every = self.eligible, self._eligible_names
-                out: list[str] = []
-                start = 0
-                for i in gone:
-                    k = bisect_left(eligible, i, start)
-                    out += every[start:k]
-                    start = k + 1
-                out += every[start:]
-                return tuple(out)
+                return tuple(cut(self.eligible, self._eligible_names, gone))
         names = self.index.names
         return tuple(names[i] for i in hosts) if len(hosts) < 2 else itemgetter(*hosts)(names)
 

@@ -28,9 +28,9 @@ def _cluster(hosts: int) -> Snapshot:
     return Snapshot(nodes)
 
 
-def test_a_plan_over_1000_hosts_is_stored_in_a_few_kilobytes_and_says_what_it_left_out() -> None:
+def _pending_vm() -> Vm:
     now = datetime.now(UTC)
-    vm = Vm(
+    return Vm(
         name="web-1",
         id="v1",
         created_at=now,
@@ -38,6 +38,10 @@ def test_a_plan_over_1000_hosts_is_stored_in_a_few_kilobytes_and_says_what_it_le
         spec=VmCreate.model_validate({"name": "web-1", "memory_mib": 2048}).spec(),
         status=VmStatus(state="pending"),
     )
+
+
+def test_a_plan_over_1000_hosts_is_stored_in_a_few_kilobytes_and_says_what_it_left_out() -> None:
+    vm = _pending_vm()
     plan = Scheduler(_cluster(1000)).schedule(Request("web-1", 1, 2048))
     assert plan.node is not None
     # Whole, the plan is ~100 KB: 30 such records in one placement transaction would pass
@@ -65,15 +69,7 @@ def test_a_plan_over_1000_hosts_is_stored_in_a_few_kilobytes_and_says_what_it_le
 
 def test_a_small_cluster_plan_is_stored_whole() -> None:
     plan = Scheduler(_cluster(12)).schedule(Request("web-1", 1, 2048))
-    now = datetime.now(UTC)
-    vm = Vm(
-        name="web-1",
-        id="v1",
-        created_at=now,
-        updated_at=now,
-        spec=VmCreate.model_validate({"name": "web-1", "memory_mib": 2048}).spec(),
-        status=VmStatus(state="pending"),
-    )
+    vm = _pending_vm()
     stored = json.loads(placement_record(vm, plan, plan.explain(), None))["plan"]
     assert len(stored["nodes"]) == 12 and "omitted" not in stored
     assert omitted_line(stored) is None

@@ -7,6 +7,15 @@ from typing import Any
 from corral.scheduler import Group, NodeView, PlacedVm, PoolView, Request, Snapshot
 
 GIB = 1024**3
+# One group of each policy (and a second anti-affinity one allowing 2 per host), for the
+# randomized tests.
+GROUPS = {
+    "anti": Group("anti", "anti-affinity", max_per_node=1),
+    "anti2": Group("anti2", "anti-affinity", max_per_node=2),
+    "aff": Group("aff", "affinity"),
+    "soft": Group("soft", "soft-anti-affinity", weight=0.5),
+    "pull": Group("pull", "soft-affinity", weight=0.5),
+}
 
 
 def node(name: str, **kw: Any) -> NodeView:

@@ -15,18 +15,12 @@ from typing import Any
 
 import pytest
 
-from corral.scheduler import Group, NodeView, PlacedVm, Plan, PoolView, Request, Scheduler, Snapshot
+from corral.scheduler import NodeView, PlacedVm, Plan, PoolView, Request, Scheduler, Snapshot
 from corral.scheduler.feasible.base import without
 from corral.scheduler.index import Room, cpu_capacity, memory_capacity
+from tests.unit.scheduler.helpers import GROUPS
 
 GIB = 1024**3
-GROUPS = {
-    "anti": Group("anti", "anti-affinity", max_per_node=1),
-    "anti2": Group("anti2", "anti-affinity", max_per_node=2),
-    "aff": Group("aff", "affinity"),
-    "soft": Group("soft", "soft-anti-affinity", weight=0.5),
-    "pull": Group("pull", "soft-affinity", weight=0.3),
-}
 
 
 def _hosts(rng: random.Random, count: int) -> tuple[NodeView, ...]:

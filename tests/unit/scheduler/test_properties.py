@@ -16,7 +16,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from corral.scheduler import (
-    Group,
     NodeView,
     PlacedVm,
     PoolView,
@@ -26,15 +25,9 @@ from corral.scheduler import (
     schedule,
 )
 from corral.scheduler.rebalance import imbalance, plan_moves
+from tests.unit.scheduler.helpers import GROUPS
 
 GIB = 1024**3
-GROUPS = {
-    "anti": Group("anti", "anti-affinity", max_per_node=1),
-    "anti2": Group("anti2", "anti-affinity", max_per_node=2),
-    "aff": Group("aff", "affinity"),
-    "soft": Group("soft", "soft-anti-affinity", weight=0.5),
-    "pull": Group("pull", "soft-affinity", weight=0.5),
-}
 SETTINGS = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 

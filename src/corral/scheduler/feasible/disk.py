@@ -7,7 +7,9 @@ shared pools where they are. Runs after :mod:`pools`, so every local pool named 
 
 from __future__ import annotations
 
-from corral.scheduler.feasible.base import Rejected, without
+from functools import partial
+
+from corral.scheduler.feasible.base import Rejected, short_of_room
 from corral.scheduler.index import ClusterIndex
 from corral.scheduler.snapshot import Request
 
@@ -21,6 +23,10 @@ _GIB = 1024**3
 
 def _gib(n: int) -> str:
     return f"{n / _GIB:.1f} GiB"
+
+
+def _short_of_disk(pool: str, need: int, free: int) -> str:
+    return f"{REASON_INSUFFICIENT_DISK} in pool {pool} (needs {_gib(need)}, {_gib(free)} free)"
 
 
 class DiskFilter:
@@ -52,14 +58,12 @@ class DiskFilter:
             if room is None:
                 # No host has it: the pools filter has already rejected every host.
                 return []
-            short = room.lacking(hosts, need)
-            if not short:
-                continue
-            for i in short:
-                rejected[i] = (
-                    NAME,
-                    f"{REASON_INSUFFICIENT_DISK} in pool {pool} "
-                    f"(needs {_gib(need)}, {_gib(max(room.free[i], 0))} free)",
-                )
-            hosts = without(hosts, short)
+            hosts = short_of_room(
+                room,
+                hosts,
+                need,
+                rejected,
+                NAME,
+                partial(_short_of_disk, pool, need),
+            )
         return hosts

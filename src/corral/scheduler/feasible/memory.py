@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from corral.scheduler.feasible.base import Rejected, without
+from corral.scheduler.feasible.base import Rejected, short_of_room
 from corral.scheduler.index import ClusterIndex
 from corral.scheduler.snapshot import Request
 
@@ -22,12 +22,11 @@ class MemoryFilter:
         self, ix: ClusterIndex, request: Request, hosts: list[int], rejected: Rejected
     ) -> list[int]:
         need = request.memory_mib
-        # Most often no candidate is short of room: then this looks at no host at all.
-        room = ix.mem_room
-        short = room.lacking(hosts, need)
-        if not short:
-            return hosts
-        for i in short:
-            free = max(room.free[i], 0)
-            rejected[i] = (NAME, f"{REASON_INSUFFICIENT_MEMORY} (needs {need} MiB, {free} free)")
-        return without(hosts, short)
+        return short_of_room(
+            ix.mem_room,
+            hosts,
+            need,
+            rejected,
+            NAME,
+            lambda free: f"{REASON_INSUFFICIENT_MEMORY} (needs {need} MiB, {free} free)",
+        )
