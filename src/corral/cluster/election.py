@@ -92,16 +92,14 @@ class LeaderElection:
         renewed = loop.time()
         while True:
             await asyncio.sleep(self.ttl_s / 3)
-            budget = renewed + self.ttl_s * 2 / 3 - loop.time()
+            budget = max(renewed + self.ttl_s * 2 / 3 - loop.time(), 0.01)
             try:
-                remaining = await asyncio.wait_for(
-                    self.store.keepalive(self._lease), max(budget, 0.01)
-                )
+                remaining = await asyncio.wait_for(self.store.keepalive(self._lease), budget)
             except (CorralError, TimeoutError) as exc:
                 log.warning(
                     "leader lease renewal failed: %s",
                     str(exc)
-                    or f"etcd did not answer within {max(budget, 0.01):.1f} s (this host "
+                    or f"etcd did not answer within {budget:.1f} s (this host "
                     "overloaded, or cut off from the etcd members?)",
                 )
                 remaining = -1

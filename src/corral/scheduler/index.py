@@ -352,7 +352,8 @@ class ClusterIndex:
         """Host index -> value of label ``key``, for hosts that carry it."""
         hit = self._label_cache.get(key)
         if hit is None:
-            hit = {i: n.labels[key] for i, n in enumerate(self.nodes) if key in n.labels}
+            values = self.label_values(key)
+            hit = {i: v for i, v in enumerate(values) if v is not None}
             self._label_cache[key] = hit
         return hit
 

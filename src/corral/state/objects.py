@@ -105,8 +105,9 @@ class Objects:
         cursor: str | None = None,
         serializable: bool = False,
     ) -> ObjectPage[ObjT]:
-        prefix = keys.kind_prefix(kind_of(model)[0])
-        page = await self.store.list(prefix, limit=limit, cursor=cursor, serializable=serializable)
+        page = await self.store.list(
+            _prefix(model), limit=limit, cursor=cursor, serializable=serializable
+        )
         return ObjectPage(
             items=[self.decode(model, kv) for kv in page.items],
             next_cursor=page.next_cursor,
@@ -116,8 +117,7 @@ class Objects:
     async def all(
         self, model: type[ObjT], *, serializable: bool = False
     ) -> tuple[builtins.list[ObjT], int]:
-        prefix = keys.kind_prefix(kind_of(model)[0])
-        items, revision = await self.store.list_all(prefix, serializable=serializable)
+        items, revision = await self.store.list_all(_prefix(model), serializable=serializable)
         return [self.decode(model, kv) for kv in items], revision
 
     async def update(
@@ -165,3 +165,8 @@ class Objects:
             elif (kv.mod_revision if kv else 0) != (e.mod_revision or 0):
                 return False
         return True
+
+
+def _prefix(model: type[ObjectMeta]) -> str:
+    """The key prefix of every record of ``model``'s kind."""
+    return keys.kind_prefix(kind_of(model)[0])
